@@ -1,0 +1,87 @@
+"""File I/O with atomic writes and validated reads. JSON and safetensors only: never pickle."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MtpeftError(Exception):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+def cache_dir() -> Path:
+    """Where mtpeft caches derived artefacts (split datasets, dequantised weights).
+
+    ``MTPEFT_CACHE`` wins; otherwise the user cache directory.
+    """
+    env = os.environ.get("MTPEFT_CACHE")
+    if env:
+        path = Path(env)
+    else:
+        from platformdirs import user_cache_dir
+
+        path = Path(user_cache_dir("mtpeft"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file in the same directory, then rename)."""
+
+    def _w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    _atomic(Path(path), _w)
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MtpeftError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MtpeftError(f"{what} {path} is not valid JSON ({e}); restore it or re-create it") from e
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """Write tensors as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+
+def read_tensors(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MtpeftError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MtpeftError(f"{what} {path} is corrupted or not safetensors ({e}); re-create it") from e

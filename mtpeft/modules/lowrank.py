@@ -1,0 +1,62 @@
+"""The computation LoRA and bottleneck adapters share: ``delta = s * up(act(down(x)))`` per expert."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import LinearStack
+
+
+class LowRankStack(LinearStack):
+    """Experts with ``down: [r, d_in]`` and ``up: [d_out, r]`` and an optional activation between."""
+
+    down_name = "down"
+    up_name = "up"
+
+    def __init__(self, config, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0,
+                 act: Callable[[Tensor], Tensor] | None = None, d_in: int | None = None, d_out: int | None = None):
+        super().__init__(config, base)
+        if d_in is not None:
+            self.d_in = d_in
+        if d_out is not None:
+            self.d_out = d_out
+        self.rank = rank
+        self.scale = scale
+        self.act = act
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.param_names = (self.down_name, self.up_name)
+
+    def _act(self, h: Tensor) -> Tensor:
+        return h if self.act is None else self.act(h)
+
+    def per_example(self, x: Tensor, idx: Tensor, w: Tensor, mix: str) -> Tensor:
+        x = self.dropout(x)
+        B, K = idx.shape
+        A = self.gather(self.down_name, idx)  # [B,K,r,d_in]
+        U = self.gather(self.up_name, idx)  # [B,K,d_out,r]
+        if mix == "params" or K == 1:
+            A = torch.einsum("bk,bkrd->brd", w, A) if K > 1 else A[:, 0]
+            U = torch.einsum("bk,bkor->bor", w, U) if K > 1 else U[:, 0] * w[:, 0, None, None]
+            return self.scale * torch.bmm(self._act(torch.bmm(x, A.transpose(1, 2))), U.transpose(1, 2))
+        r = A.shape[2]
+        h = torch.bmm(x, A.reshape(B, K * r, -1).transpose(1, 2))  # [B,T,K*r]
+        h = self._act(h) * w.repeat_interleave(r, dim=1)[:, None, :]
+        U = U.permute(0, 1, 3, 2).reshape(B, K * r, -1)  # [B,K*r,d_out]
+        return self.scale * torch.bmm(h, U)
+
+    def dense_tokens(self, x: Tensor, w: Tensor) -> Tensor:
+        x = self.dropout(x)
+        A = self.stacked(self.down_name)  # [E,r,d_in]
+        U = self.stacked(self.up_name)  # [E,d_out,r]
+        E, r, _ = A.shape
+        h = x @ A.reshape(E * r, -1).t()  # [N,E*r]
+        h = self._act(h) * w.repeat_interleave(r, dim=1)
+        return self.scale * (h @ U.permute(0, 2, 1).reshape(E * r, -1))
+
+    def grouped(self, x: Tensor, used: Tensor) -> Tensor:
+        x = self.dropout(x)
+        A = self.gather(self.down_name, used)  # [U,r,d_in]
+        Up = self.gather(self.up_name, used)  # [U,d_out,r]
+        return self.scale * torch.bmm(self._act(torch.bmm(x, A.transpose(1, 2))), Up.transpose(1, 2))

@@ -1,0 +1,130 @@
+"""Routing weights over a bank's modules: the one currency between routers and the bank.
+
+A ``Routing`` says, for each example (``[B, K]``) or each token (``[B, T, K]``), which modules
+serve it and with what weight. ``indices`` names the modules (global ids in the bank); when it is
+``None`` the weights are dense over the whole bank (``K == E``). ``mix`` chooses between mixing
+the modules' outputs (a mixture of experts) and mixing their parameters (Poly/MHR, LoraHub).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from .io import MtpeftError
+
+MIX_MODES = ("output", "params")
+
+
+@dataclass
+class Routing:
+    weights: Tensor
+    indices: Tensor | None = None
+    mix: str = "output"
+
+    def __post_init__(self):
+        if self.weights.dim() not in (2, 3):
+            raise MtpeftError(
+                f"routing weights must be [batch, K] (per example) or [batch, tokens, K] (per token), "
+                f"got shape {tuple(self.weights.shape)}"
+            )
+        if self.indices is not None:
+            if self.indices.shape != self.weights.shape:
+                raise MtpeftError(
+                    f"routing indices {tuple(self.indices.shape)} and weights {tuple(self.weights.shape)} "
+                    "must have the same shape"
+                )
+            if self.indices.dtype not in (torch.int64, torch.int32):
+                raise MtpeftError("routing indices must be an integer tensor of module ids")
+        if self.mix not in MIX_MODES:
+            raise MtpeftError(f"routing mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if self.mix == "params" and self.weights.dim() == 3:
+            raise MtpeftError("mix='params' works per example or per task; use mix='output' for per-token routing")
+
+    @property
+    def per_token(self) -> bool:
+        return self.weights.dim() == 3
+
+    @property
+    def batch_size(self) -> int:
+        return self.weights.shape[0]
+
+    @classmethod
+    def one_hot(cls, ids: Tensor | list[int], dtype=torch.float32) -> "Routing":
+        """Each example served by exactly one module (task-id routing)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1, 1)
+        return cls(weights=torch.ones(ids.shape, dtype=dtype), indices=ids)
+
+    @classmethod
+    def topk(cls, logits: Tensor, k: int, softmax: bool = True) -> "Routing":
+        """Keep the k largest logits over the last dimension; softmax over the kept ones."""
+        k = min(k, logits.shape[-1])
+        vals, idx = logits.topk(k, dim=-1)
+        w = vals.softmax(-1) if softmax else vals
+        return cls(weights=w, indices=idx)
+
+    def repeat_interleave(self, n: int) -> "Routing":
+        """Repeat every example's routing n times (one row per candidate label in rank scoring)."""
+        idx = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
+        return Routing(self.weights.repeat_interleave(n, dim=0), idx, self.mix)
+
+    def to(self, device) -> "Routing":
+        idx = None if self.indices is None else self.indices.to(device)
+        return Routing(self.weights.to(device), idx, self.mix)
+
+    def pad_tokens(self, n_before: int) -> "Routing":
+        """Per-token routing: give n_before prepended (virtual) positions the first real token's routing."""
+        if not self.per_token or n_before == 0:
+            return self
+        w = torch.cat([self.weights[:, :1].expand(-1, n_before, -1), self.weights], dim=1)
+        idx = None
+        if self.indices is not None:
+            idx = torch.cat([self.indices[:, :1].expand(-1, n_before, -1), self.indices], dim=1)
+        return Routing(w, idx, self.mix)
+
+
+# A router evaluated at each site: (site name, the layer's input hidden states) -> Routing.
+RoutingFn = Callable[[str, Tensor], Routing]
+RoutingLike = Union[Routing, RoutingFn]
+
+
+@dataclass
+class LocalRouting:
+    """Routing restricted to one group of stacked modules: ids are positions in the group's stack."""
+
+    weights: Tensor  # [B, K] or [B, T, K]
+    indices: Tensor  # same shape, local ids (entries with weight 0 may hold any valid id)
+    mix: str
+    num_experts: int
+
+    @property
+    def per_token(self) -> bool:
+        return self.weights.dim() == 3
+
+
+def localize(routing: Routing, global_ids: Tensor, num_modules: int) -> LocalRouting | None:
+    """Restrict ``routing`` to the modules ``global_ids`` (one group's stack). None if none is used."""
+    n_local = global_ids.numel()
+    if routing.indices is None:
+        if routing.weights.shape[-1] != num_modules:
+            raise MtpeftError(
+                f"dense routing weights have {routing.weights.shape[-1]} columns but the bank has "
+                f"{num_modules} modules; pass one weight per module or give indices"
+            )
+        w = routing.weights.index_select(-1, global_ids.to(routing.weights.device))
+        if not bool((w != 0).any()):
+            return None
+        idx = torch.arange(n_local, device=w.device).expand_as(w)
+        return LocalRouting(w, idx, routing.mix, n_local)
+    if bool(((routing.indices < 0) | (routing.indices >= num_modules)).any()):
+        raise MtpeftError(f"routing names a module id outside 0..{num_modules - 1}")
+    lookup = torch.full((num_modules,), -1, dtype=torch.long, device=routing.indices.device)
+    lookup[global_ids.to(lookup.device)] = torch.arange(n_local, device=lookup.device)
+    local = lookup[routing.indices.long()]
+    inside = local >= 0
+    if not bool(inside.any()):
+        return None
+    w = torch.where(inside, routing.weights, torch.zeros((), dtype=routing.weights.dtype, device=inside.device))
+    return LocalRouting(w, local.clamp_min(0), routing.mix, n_local)
