@@ -66,7 +66,7 @@ class ModuleRecord:
 
 @dataclass
 class BankOutput:
-    """Last hidden states (encoder) or logits (causal), with the mask of the positions they cover.
+    """Last hidden states (for a causal LM, before ``bank.lm_head``), with the mask of the positions they cover.
 
     ``n_virtual`` positions were prepended by input-level modules (prompts) before the real tokens.
     """
@@ -383,13 +383,22 @@ class ModuleBank(nn.Module):
                 self.state.routing, self.state.local = r.pad_tokens(n_virtual), {}
             kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=position_ids)
             input_ids = None
+        body = self.model.get_decoder() if self.family == "causal" else self.model
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             if n_virtual and r.per_token:
                 self.state.routing, self.state.local = r, {}
-        main = out.logits if self.family == "causal" else out.last_hidden_state
-        return BankOutput(main, attention_mask, n_virtual)
+        return BankOutput(out.last_hidden_state, attention_mask, n_virtual)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The causal LM's output projection (hidden states -> vocabulary logits)."""
+        return self.model.get_output_embeddings()
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path, only: list[str] | None = None) -> None:

@@ -1,0 +1,250 @@
+"""The ``mtpeft`` command. Reporting subcommands print a table, or one JSON object with --json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .io import MtpeftError
+
+
+# ---- output helpers ------------------------------------------------------------------------------
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, (list, tuple)):
+            return ", ".join(map(str, v))
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def emit(args, obj: dict, rows: list[dict], columns: list[str], title: str | None = None) -> None:
+    if args.json:
+        print(json.dumps(obj, indent=2))
+    else:
+        if title:
+            print(title)
+        print(table(rows, columns))
+
+
+def _task_args(p, multiple=True):
+    p.add_argument("--task", action="append" if multiple else None, required=False,
+                   help="a built-in task name (see `mtpeft tasks`)" + (" (repeatable)" if multiple else ""))
+    p.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH",
+                   help="a user task from a CSV, JSONL or parquet file with columns text and label (repeatable)")
+
+
+def _common(p, backbone=True):
+    if backbone:
+        p.add_argument("--backbone", default="minilm", help="minilm (default), smollm2, tiny-bert, tiny-llama or a local HF dir")
+    p.add_argument("--max-examples", type=int, default=None, help="cap every split at N examples (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _load_tasks(args) -> list:
+    from .suite import load_task
+
+    specs = list(args.task or []) + list(args.task_file or [])
+    if not specs:
+        raise MtpeftError("name at least one task with --task NAME or --task-file NAME=PATH (see `mtpeft tasks`)")
+    return [load_task(s, max_examples=args.max_examples, seed=args.seed) for s in specs]
+
+
+# ---- subcommands -----------------------------------------------------------------------------------
+def cmd_tasks(args):
+    from .suite import builtin_names, describe_builtin
+
+    rows = [describe_builtin(n, seed=args.seed) for n in builtin_names()]
+    for r in rows:
+        r["labels"] = r.get("label_names")
+        r["num_labels"] = len(r.get("label_names", []))
+    emit(args, {"tasks": rows}, rows, ["name", "train", "validation", "test", "num_labels", "labels"])
+
+
+def cmd_zero_shot(args):
+    from .api import load_bank_or_new
+    from .train import evaluate
+
+    bank, scorer = load_bank_or_new(args.backbone)
+    rows = []
+    for t in _load_tasks(args):
+        r = evaluate(bank, scorer, t, None, split=args.split, progress=not args.json)
+        rows.append(r)
+    emit(args, {"backbone": args.backbone, "results": rows}, rows, ["task", "split", "n", "accuracy", "majority"],
+         title=f"zero-shot accuracy of the bare {args.backbone} backbone")
+
+
+def cmd_train(args):
+    from .api import load_bank_or_new, parse_options
+    from .train import TrainConfig, evaluate, fit_expert, fit_multitask
+
+    bank, scorer = load_bank_or_new(args.backbone, args.out)
+    tasks = _load_tasks(args)
+    config = parse_options(args.module, args.option)
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs, max_steps=args.max_steps,
+                      patience=args.patience, seed=args.seed, progress=not args.json)
+    rows = []
+    if args.multitask:
+        name = args.name or "multitask-" + args.module
+        m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
+        for t in tasks:
+            rows.append(dict(module=name, **evaluate(bank, scorer, t, name), **{"steps": m["steps"]}))
+    else:
+        for t in tasks:
+            name = args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}"
+            m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
+            res = evaluate(bank, scorer, t, name)
+            bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
+            rows.append(dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"]))
+            bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
+    bank.save(args.out)
+    emit(args, {"bank": str(args.out), "results": rows}, rows,
+         ["module", "task", "n", "accuracy", "majority", "steps"], title=f"trained into {args.out}")
+
+
+def cmd_eval(args):
+    from .api import open_bank
+    from .train import evaluate
+
+    bank, scorer = open_bank(args.bank)
+    rows = []
+    for t in _load_tasks(args):
+        module = args.module or bank.names[bank.task_index(t.name)]
+        rows.append(dict(module=module, **evaluate(bank, scorer, t, module, split=args.split, progress=not args.json)))
+    emit(args, {"bank": str(args.bank), "results": rows}, rows, ["task", "module", "split", "n", "accuracy", "majority"])
+
+
+def cmd_bank_ls(args):
+    from .bank import read_manifest
+
+    m = read_manifest(args.bank)
+    rows = [{"name": e["name"], "type": e["type"], "task": e.get("task"), "merged": e.get("merged", False),
+             "test_acc": (e.get("metrics") or {}).get("test_acc")} for e in m["modules"]]
+    emit(args, {"bank": str(args.bank), "backbone": m["backbone"].get("name"), "modules": rows}, rows,
+         ["name", "type", "task", "merged", "test_acc"], title=f"bank {args.bank} on {m['backbone'].get('name')}")
+
+
+def cmd_bank_show(args):
+    from .bank import read_manifest
+    from .io import read_tensors
+
+    m = read_manifest(args.bank)
+    entry = next((e for e in m["modules"] if e["name"] == args.module), None)
+    if entry is None:
+        raise MtpeftError(f"no module {args.module!r} in {args.bank}; it has: {', '.join(e['name'] for e in m['modules'])}")
+    tensors = read_tensors(Path(args.bank) / entry["file"])
+    entry = dict(entry, num_parameters=int(sum(t.numel() for t in tensors.values())), num_tensors=len(tensors))
+    if args.json:
+        print(json.dumps(entry, indent=2))
+        return
+    for k in ("name", "type", "task", "merged", "num_parameters", "num_tensors", "file"):
+        print(f"{k:15s} {entry.get(k)}")
+    print(f"{'config':15s} {json.dumps(entry['config'])}")
+    print(f"{'metrics':15s} {json.dumps(entry.get('metrics', {}))}")
+    if entry.get("metadata"):
+        print(f"{'metadata':15s} {json.dumps(entry['metadata'])}")
+
+
+def cmd_bank_export(args):
+    from .api import open_bank
+    from .interop import export_peft
+
+    bank, _ = open_bank(args.bank)
+    export_peft(bank, args.module, args.dir)
+    print(json.dumps({"exported": args.module, "dir": str(args.dir)}) if args.json else f"wrote peft adapter {args.dir}")
+
+
+def cmd_bank_import(args):
+    from .api import open_bank
+    from .interop import import_peft
+
+    bank, _ = open_bank(args.bank)
+    name = import_peft(bank, args.dir, name=args.name, task=args.task)
+    bank.save(args.bank)
+    print(json.dumps({"imported": name, "bank": str(args.bank)}) if args.json else f"imported {name} into {args.bank}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtpeft", description=__doc__ or "mtpeft")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("tasks", help="list the built-in tasks with split sizes and label sets")
+    _common(s, backbone=False)
+    s.set_defaults(func=cmd_tasks)
+
+    s = sub.add_parser("zero-shot", help="accuracy of the bare backbone per task, beside the majority baseline")
+    _task_args(s)
+    _common(s)
+    s.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    s.set_defaults(func=cmd_zero_shot)
+
+    s = sub.add_parser("train", help="train a new module per task (or one shared multitask module) into a bank")
+    _task_args(s)
+    _common(s)
+    s.add_argument("--module", default="lora", help="module type (lora, ia3, prompt, ptuning, prefix, houlsby, ...)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a module config option, e.g. --option r=16 (repeatable; values parsed as JSON)")
+    s.add_argument("--out", required=True, type=Path, help="bank directory (created, or added to)")
+    s.add_argument("--name", default=None, help="module name (default TASK-TYPE)")
+    s.add_argument("--multitask", action="store_true", help="one shared module over the task mixture")
+    s.add_argument("--sampling", default="proportional", choices=["proportional", "temperature", "uniform"])
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-epochs", type=int, default=3)
+    s.add_argument("--max-steps", type=int, default=-1, help="cap on optimiser steps (-1: none)")
+    s.add_argument("--patience", type=int, default=2, help="early-stopping patience in validations")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="accuracy of a bank's modules with task-id routing")
+    s.add_argument("--bank", required=True, type=Path)
+    _task_args(s)
+    _common(s, backbone=False)
+    s.add_argument("--module", default=None, help="module to route to (default: the one trained on the task)")
+    s.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    s.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bank", help="inspect and move banks").add_subparsers(dest="bank_cmd", required=True)
+    s = b.add_parser("ls", help="list the modules of a bank")
+    s.add_argument("bank", type=Path)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bank_ls)
+    s = b.add_parser("show", help="details of one module")
+    s.add_argument("bank", type=Path)
+    s.add_argument("module")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bank_show)
+    s = b.add_parser("export", help="write a module as a peft adapter directory (lora, ia3, prompt)")
+    s.add_argument("bank", type=Path)
+    s.add_argument("module")
+    s.add_argument("dir", type=Path)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bank_export)
+    s = b.add_parser("import", help="bring a peft adapter directory into a bank")
+    s.add_argument("bank", type=Path)
+    s.add_argument("dir", type=Path)
+    s.add_argument("--name", default=None)
+    s.add_argument("--task", default=None, help="the task the adapter was trained on (for task-id routing)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bank_import)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MtpeftError as e:
+        print(f"mtpeft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

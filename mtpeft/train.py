@@ -1,0 +1,139 @@
+"""High-level phases: fit one expert, fit a shared multitask module, evaluate with task-id routing."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .io import MtpeftError
+from .routing import Routing
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_epochs: int = 3
+    max_steps: int = -1
+    patience: int = 2
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    val_check_interval: float | int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def _trainer(cfg: TrainConfig, callbacks):
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cb = [EarlyStopping(monitor="val/acc", mode="max", patience=cfg.patience), *callbacks]
+    kw = {}
+    if cfg.val_check_interval is not None:
+        kw["val_check_interval"] = cfg.val_check_interval
+    return L.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=cb, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
+                     accelerator="auto", devices=1, num_sanity_val_steps=0, deterministic=False, **kw)
+
+
+def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig) -> dict:
+    from .lightning import ExpertModule, KeepBest, TaskDataModule
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not any(p.requires_grad for p in bank.parameters()):
+        raise MtpeftError("nothing to train: every module of the bank is frozen")
+    module = ExpertModule(bank, scorer, tasks, module_of_task, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          warmup_steps=cfg.warmup_steps)
+    dm = TaskDataModule(tasks, batch_size=cfg.batch_size, seed=cfg.seed)
+    keep = KeepBest()
+    trainer = _trainer(cfg, [keep])
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return {"best_val_acc": keep.best, "best_epoch": keep.best_epoch, "steps": trainer.global_step,
+            "train_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def fit_expert(bank, scorer, task, name: str | None = None, module_type: str = "lora", config=None,
+               cfg: TrainConfig | None = None) -> dict:
+    """Add a module for ``task`` to the bank and train it alone (everything else frozen); freeze it after."""
+    cfg = cfg or TrainConfig()
+    name = name or f"{task.name}-{module_type}"
+    bank.freeze()
+    idx = bank.add(name, module_type, config, task=task.name, seed=cfg.seed)
+    try:
+        metrics = _fit(bank, scorer, [task], [idx], cfg)
+    except BaseException:
+        bank.remove(name)  # a failed or interrupted fit leaves the bank as it was
+        raise
+    finalize = getattr(bank, "finalize", None)
+    if finalize is not None:
+        finalize(name)
+    bank.freeze(name)
+    bank.record(name).metrics.update(metrics)
+    return metrics
+
+
+def fit_multitask(bank, scorer, tasks: Sequence, name: str = "multitask", module_type: str = "lora", config=None,
+                  cfg: TrainConfig | None = None, sampling: str = "proportional") -> dict:
+    """Train one shared module on a mixture of tasks."""
+    cfg = cfg or TrainConfig()
+    bank.freeze()
+    idx = bank.add(name, module_type, config, task=None, seed=cfg.seed,
+                   metadata={"tasks": [t.name for t in tasks], "sampling": sampling})
+    try:
+        metrics = _fit(bank, scorer, list(tasks), [idx] * len(tasks), cfg)
+    except BaseException:
+        bank.remove(name)
+        raise
+    bank.freeze(name)
+    bank.record(name).metrics.update(metrics)
+    return metrics
+
+
+@torch.no_grad()
+def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", batch_size: int = 64,
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels on a split. ``routing_for_batch(n) -> Routing`` (None: bare backbone)."""
+    from tqdm.auto import tqdm
+
+    ds = task.splits[split]
+    texts, labels = ds["text"], torch.tensor(ds["label"])
+    preds = []
+    bank.eval()
+    starts = range(0, len(texts), batch_size)
+    for s in tqdm(starts, desc=f"{task.name}/{split}", disable=not progress, leave=False):
+        chunk = texts[s: s + batch_size]
+        routing = routing_for_batch(len(chunk)) if routing_for_batch is not None else None
+        if routing is None:
+            with bank.disabled():
+                logits = scorer.logits(bank, chunk, task)
+        else:
+            logits = scorer.logits(bank, chunk, task, routing)
+        preds.append(logits.argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), labels
+
+
+def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "test", batch_size: int = 64,
+             progress: bool = False) -> dict:
+    """Accuracy on ``split``: with task-id routing to ``module`` (a name or id), or the bare backbone (None)."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    routing_for_batch = None
+    if module is not None:
+        mid = module if isinstance(module, int) else bank.index(module)
+        routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)  # noqa: E731
+    preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress)
+    acc = float(multiclass_accuracy(preds, labels, num_classes=task.num_labels, average="micro")) if len(labels) else 0.0
+    return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
+            "majority": task.majority_baseline(split)}
+
+
+def default_threads() -> None:
+    """Use every core for intra-op parallelism (the default on some builds is fewer)."""
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() < n:
+        torch.set_num_threads(n)
