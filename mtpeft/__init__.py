@@ -1,0 +1,1 @@
+"""mtpeft (public API assembled once all parts land)."""

@@ -57,6 +57,11 @@ def routed_delta(stack, x: Tensor, local: LocalRouting) -> Tensor:
     return out.reshape(B, T, -1)
 
 
+def stack_size(stack, ids: Tensor) -> int:
+    n = getattr(stack, "num_experts", None)
+    return int(n) if n is not None else int(ids.max()) + 1
+
+
 def grouped_tokens(stack, x2: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     """Top-k per-token routing computed per selected expert. x2 [N,d], idx/w [N,K] -> [N,d_out]."""
     N, K = idx.shape
@@ -70,19 +75,26 @@ def grouped_tokens(stack, x2: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     M = flat_e.numel()
     if M == 0:
         return out
-    order = torch.argsort(flat_e, stable=True)
-    e_s, tok_s, w_s = flat_e[order], tok[order], flat_w[order]
-    used, counts = torch.unique_consecutive(e_s, return_counts=True)
+    counts_all = torch.bincount(flat_e, minlength=stack_size(stack, flat_e))
+    used = counts_all.nonzero().squeeze(1)
+    counts = counts_all[used]
     U = used.numel()
     C = int(counts.max())
+    order = torch.argsort(flat_e)
+    tok_s, w_s = tok[order], flat_w[order]
     if U * C <= 2 * M:  # balanced enough: pad and run one batched matmul over the used experts
+        # Slot u*C + j holds the j-th token routed to the u-th used expert; padding slots read token 0
+        # with weight 0, so one gather fills the padded input and one index_add scatters the output.
         g = torch.repeat_interleave(torch.arange(U, device=x2.device), counts)
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(M, device=x2.device) - starts[g]
-        X = x2.new_zeros(U, C, x2.shape[1])
-        X[g, pos] = x2[tok_s]
-        Y = stack.grouped(X, used)
-        out.index_add_(0, tok_s, Y[g, pos] * w_s[:, None])
+        slot = g * C + (torch.arange(M, device=x2.device) - starts[g])
+        slot_tok = torch.zeros(U * C, dtype=torch.long, device=x2.device)
+        slot_tok[slot] = tok_s
+        slot_w = x2.new_zeros(U * C)
+        slot_w[slot] = w_s
+        X = x2.index_select(0, slot_tok).view(U, C, -1)
+        Y = stack.grouped(X, used).reshape(U * C, -1)
+        out.index_add_(0, slot_tok, Y * slot_w[:, None])
         return out
     # Skewed: one matmul per used expert (a loop over experts, not tokens).
     for e, t, ws in zip(used.tolist(), tok_s.split(counts.tolist()), w_s.split(counts.tolist())):
