@@ -62,6 +62,7 @@ class ModuleRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     merged: bool = False
+    finalized: bool = False  # training-only reparameterisation dropped (see ModuleBank.finalize)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class BankOutput:
     """Last hidden states (for a causal LM, before ``bank.lm_head``), with the mask of the positions they cover.
 
     ``n_virtual`` positions were prepended by input-level modules (prompts) before the real tokens.
+    Prefix modules add keys and values inside attention, not positions: they do not count here.
     """
 
     output: Tensor
@@ -167,7 +169,7 @@ class ModuleBank(nn.Module):
     def stacks_of(self, group: Group) -> Iterator[tuple[str, Stack]]:
         mods = self._sites()
         for site in group.sites:
-            if site == "<input>":
+            if _is_pseudo(site):
                 yield site, self.input_stacks[group.key]
             else:
                 yield site, mods[site].stacks[group.key]
@@ -205,9 +207,35 @@ class ModuleBank(nn.Module):
         return len(self.records) - 1
 
     def _install(self, key: str, mtype: type[ModuleType], config: ModuleConfig) -> list[str]:
-        if mtype.level == "input":
-            self.input_stacks[key] = mtype.make_stack(config, None, self.backbone)
-            return ["<input>"]
+        """Create the group's stacks; on failure nothing stays installed."""
+        installed: list[str] = []
+        try:
+            self._install_into(key, mtype, config, installed)
+        except BaseException:
+            self._uninstall(key, installed)
+            raise
+        return installed
+
+    def _install_into(self, key: str, mtype: type[ModuleType], config: ModuleConfig, installed: list[str]) -> None:
+        if mtype.level == "composite":
+            # A composite type (MAM) is several types under one module: each part installs its
+            # stacks under the same group key, so one routing weight drives all of them.
+            for ptype, pconfig in mtype.parts(config):
+                self._install_into(key, ptype, pconfig, installed)
+            return
+        if mtype.level in ("input", "attention"):
+            # One stack for the whole model, at a pseudo-site: "<input>" (prompts: embeddings)
+            # or "<attention>" (prefixes: keys and values of every attention layer).
+            if any(_is_pseudo(x) for x in installed):
+                raise MtpeftError(f"module type {mtype.name!r}: a composite type has two input/attention-level parts")
+            stack = mtype.make_stack(config, None, self.backbone)
+            stack.to(device=self.model.get_input_embeddings().weight.device)
+            site = f"<{mtype.level}>"
+            object.__setattr__(stack, "state", self.state)
+            object.__setattr__(stack, "site", site)
+            self.input_stacks[key] = stack
+            installed.append(site)
+            return
         mods = self._sites()
         # Sites already wrapped are found by their BankedLinear name (the base lives at .base).
         candidates = [n for n, m in mods.items() if isinstance(m, (nn.Linear, BankedLinear))
@@ -218,15 +246,25 @@ class ModuleBank(nn.Module):
                               f"this {self.family} backbone; examples of layer names: {candidates[:6]}")
         for site in sites:
             m = self._ensure_wrapped(site)
+            if site in installed:
+                raise MtpeftError(f"module type {mtype.name!r}: two parts of a composite type act on {site}")
             stack = mtype.make_stack(config, m.base, self.backbone)
             stack.to(device=m.base.weight.device)
             object.__setattr__(stack, "state", self.state)  # stacks may read inputs stashed by other sites
             object.__setattr__(stack, "site", site)
             m.stacks[key] = stack
+            installed.append(site)
             for extra in stack.stash_sources(site):
                 self._ensure_wrapped(extra)
                 self._stash_sites.add(extra)
-        return sites
+
+    def _uninstall(self, key: str, sites: list[str]) -> None:
+        mods = self._sites()
+        for site in sites:
+            if _is_pseudo(site):
+                self.input_stacks.pop(key, None)
+            elif key in mods[site].stacks:
+                del mods[site].stacks[key]
 
     def _ensure_wrapped(self, site: str) -> BankedLinear:
         m = self.model.get_submodule(site)
@@ -248,12 +286,7 @@ class ModuleBank(nn.Module):
         group.members.pop(j)
         del self.records[i]
         if not group.members:
-            mods = self._sites()
-            for site in group.sites:
-                if site == "<input>":
-                    del self.input_stacks[group.key]
-                else:
-                    del mods[site].stacks[group.key]
+            self._uninstall(group.key, group.sites)
             del self.groups[group.key]
         self._refresh_ids()
 
@@ -290,6 +323,24 @@ class ModuleBank(nn.Module):
             if isinstance(m, Stack):
                 m.train(mode)
         return self
+
+    def finalize(self, name: str) -> bool:
+        """Drop a module's training-only reparameterisation (prefix MLP, P-tuning encoder).
+
+        The module's effective parameters (prefix keys/values, virtual tokens) are computed once and
+        kept; the rest is discarded, so only they are saved. Outputs do not change. Call it after
+        training (optimizers holding the old parameters go stale). Returns whether anything changed;
+        types without a reparameterisation are left as they are.
+        """
+        group, j = self._group_of(name)
+        changed = False
+        for _, stack in self.stacks_of(group):
+            fin = getattr(stack, "finalize_expert", None)
+            if fin is not None:
+                changed = bool(fin(j)) or changed
+        if changed:
+            self.record(name).finalized = True
+        return changed
 
     # ---- merging -----------------------------------------------------------------------------
     def merge(self, name: str) -> None:
@@ -367,25 +418,80 @@ class ModuleBank(nn.Module):
             with self.route(routing):
                 return self.forward(input_ids, attention_mask, **kwargs)
         r = self.state.routing
-        n_virtual = 0
-        if r is not None and len(self.input_stacks):
-            if not isinstance(r, Routing):
-                raise MtpeftError("input-level modules (prompts) need per-example routing, not a per-layer router")
+        used = self._input_level_routing(r)
+        if not used:
+            out = self._body()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return BankOutput(out.last_hidden_state, attention_mask, 0)
+        return self._forward_input_level(input_ids, attention_mask, r, used, kwargs)
+
+    def _body(self) -> nn.Module:
+        return self.model.get_decoder() if self.family == "causal" else self.model
+
+    def _input_level_routing(self, r: RoutingLike | None) -> list[tuple[Stack, LocalRouting]]:
+        """The input/attention-level stacks (prompts, prefixes) that ``r`` routes some example to."""
+        if r is None or not len(self.input_stacks):
+            return []
+        if not isinstance(r, Routing):
+            raise MtpeftError("input-level modules (prompts, prefixes) need per-example routing (a Routing), "
+                              "not a per-layer router")
+        used = []
+        for key, stack in self.input_stacks.items():
+            local = self._localize(key, r)
+            if local is not None:
+                used.append((stack, local))
+        return used
+
+    def _forward_input_level(self, input_ids, attention_mask, r, used, kwargs) -> BankOutput:
+        """Prompts prepend virtual tokens to the embeddings; prefixes pre-fill every attention layer's
+        keys and values (a transformers ``DynamicCache``, which Llama and BERT both accept).
+
+        Examples a module does not serve get its positions masked out (attention 0) and keep their
+        own position ids, so their outputs are those of a forward without the module. Position ids
+        are explicit: absolute-position models (BERT) and RoPE models (Llama) both read them.
+        """
+        B, T = attention_mask.shape
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
             embeds = self.model.get_input_embeddings()(input_ids)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            for key, stack in self.input_stacks.items():
-                local = self._localize(key, r)
-                if local is None:
-                    continue
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:  # what the backbone uses by default, so unrouted examples are unchanged
+            position_ids = torch.arange(T, device=embeds.device).expand(B, T)
+        n_virtual = 0
+        for stack, local in used:
+            if hasattr(stack, "extend"):
                 embeds, attention_mask, position_ids, n = stack.extend(embeds, attention_mask, position_ids, local)
                 n_virtual += n
-            if n_virtual and r.per_token:
-                self.state.routing, self.state.local = r.pad_tokens(n_virtual), {}
-            kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=position_ids)
-            input_ids = None
-        body = self.model.get_decoder() if self.family == "causal" else self.model
+        if n_virtual and kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, n_virtual), tt], dim=1)
+        model_mask = attention_mask
+        prefixes = [(stack, local) for stack, local in used if hasattr(stack, "prefix_kv")]
+        if prefixes:
+            if kwargs.get("past_key_values") is not None:
+                raise MtpeftError("prefix modules fill past_key_values themselves; do not pass a cache with them")
+            from transformers import DynamicCache
+
+            keys, values, masks = [], [], []
+            for stack, local in prefixes:
+                k, v, routed = stack.prefix_kv(local, B, embeds.dtype, embeds.device)
+                keys.append(k)
+                values.append(v)
+                masks.append(routed[:, None].to(attention_mask.dtype).expand(B, k[0].shape[2]))
+                position_ids = position_ids + k[0].shape[2] * routed.long()[:, None]
+            cache = DynamicCache()
+            for layer in range(len(keys[0])):
+                cache.update(torch.cat([k[layer] for k in keys], dim=2),
+                             torch.cat([v[layer] for v in values], dim=2), layer)
+            kwargs["past_key_values"] = cache
+            model_mask = torch.cat(masks + [attention_mask], dim=1)
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        if self.family == "encoder" and max_pos and int(position_ids.max()) >= max_pos:
+            raise MtpeftError(f"inputs of {T} tokens plus {int(position_ids.max()) + 1 - T} virtual/prefix positions "
+                              f"exceed the backbone's {max_pos} positions; truncate the inputs to fewer tokens")
+        if n_virtual and r.per_token:
+            self.state.routing, self.state.local = r.pad_tokens(n_virtual), {}
         try:
-            out = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = self._body()(inputs_embeds=embeds, attention_mask=model_mask, position_ids=position_ids, **kwargs)
         finally:
             if n_virtual and r.per_token:
                 self.state.routing, self.state.local = r, {}
@@ -443,6 +549,8 @@ class ModuleBank(nn.Module):
             bank.add(e["name"], e["type"], e["config"], task=e.get("task"), metadata=e.get("metadata"),
                      trainable=trainable)
             bank.records[-1].metrics = dict(e.get("metrics") or {})
+            if e.get("finalized"):  # rebuild the parameter layout the weights were saved in
+                bank.finalize(e["name"])
             params = bank.module_parameters(e["name"])
             if set(params) != set(tensors):
                 raise MtpeftError(f"bank {path}: weights of module {e['name']!r} do not fit its config "
@@ -482,6 +590,11 @@ def read_manifest(path: str | Path) -> dict:
             raise MtpeftError(f"bank {path}: module {e['name']!r} has unknown type {e['type']!r}; "
                               f"known types: {', '.join(MODULE_TYPES.names())}")
     return m
+
+
+def _is_pseudo(site: str) -> bool:
+    """Sites of input- and attention-level stacks ("<input>", "<attention>"), not layer paths."""
+    return site.startswith("<")
 
 
 def _is_head(name: str, family: str) -> bool:

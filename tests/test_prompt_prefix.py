@@ -1,0 +1,398 @@
+"""Input- and attention-level module types (prompt, ptuning, prefix, mam) on tiny BERT and Llama.
+
+Generic checks crossed with types x families, plus the masking, position and prefix mechanics the
+types rely on, checked against reference computations with the bare transformers models.
+"""
+import types
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from mtpeft import kernels
+from mtpeft.bank import ModuleBank
+from mtpeft.io import MtpeftError
+from mtpeft.modules import MODULE_TYPES
+from mtpeft.routing import Routing
+
+FAMILIES = ["encoder", "causal"]
+TYPES = [
+    ("prompt", {"n_tokens": 4}),
+    ("ptuning", {"n_tokens": 4, "encoder_hidden": 16}),
+    ("ptuning", {"n_tokens": 3, "encoder": "lstm", "encoder_hidden": 8}),
+    ("prefix", {"n_tokens": 3}),
+    ("prefix", {"n_tokens": 3, "projection": True, "projection_hidden": 16}),
+    ("mam", {"prefix_tokens": 3, "prefix_hidden": 16, "adapter_r": 8}),
+]
+IDS = ["prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-mlp", "mam"]
+VOCAB = 100
+
+
+class _Tok:
+    """A stand-in tokenizer: one id per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+
+def make_backbone(family: str, layers: int = 2, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "encoder":
+        m = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64))
+    m.set_attn_implementation(attn)
+    m.eval().requires_grad_(False)
+    return types.SimpleNamespace(model=m, family=family, tokenizer=_Tok(), fingerprint=lambda: {"name": family},
+                                 fingerprint_matches=lambda fp: True, describe_mismatch=lambda a, b: "")
+
+
+def batch(B=3, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T - 2:] = 0  # one right-padded example
+    return ids, mask
+
+
+def randomize(bank, name, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bank.module_parameters(name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for _, stack in bank.stacks_of(bank._group_of(name)[0]):
+        stack.invalidate()
+
+
+def real(out):
+    """The outputs at real-token positions (the scorer drops the first n_virtual)."""
+    return out.output[:, out.n_virtual:]
+
+
+def bank_with(family, mtype, cfg, n=1, attn="sdpa", layers=2):
+    bank = ModuleBank(make_backbone(family, layers=layers, attn=attn))
+    for i in range(n):
+        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
+        randomize(bank, f"m{i}", seed=i)
+    return bank
+
+
+needs = pytest.mark.parametrize("family", FAMILIES)
+each_type = pytest.mark.parametrize("mtype,cfg", TYPES, ids=IDS)
+
+
+# ---- generic checks ---------------------------------------------------------------------------
+@needs
+@each_type
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_zero_weight_leaves_outputs_unchanged(family, mtype, cfg, attn):
+    """No identity at init for prompts/prefixes; instead: unrouted examples equal the bare backbone."""
+    bank = bank_with(family, mtype, cfg, n=1, attn=attn)
+    bank.add("lora", "lora", seed=5)
+    randomize(bank, "lora", seed=5)
+    bank.freeze()
+    ids, mask = batch()
+    with torch.no_grad():
+        bare = bank(ids, mask).output
+        lora = bank(ids, mask, routing=Routing.one_hot([1, 1, 1])).output
+        # explicit zero weight for the module, per example (dense over the bank)
+        zero = bank(ids, mask, routing=Routing(torch.tensor([[0.0, 1.0]] * 3))).output
+        mixed = bank(ids, mask, routing=Routing.one_hot([1, 0, 1]))
+    assert (lora - bare).abs().max() > 1e-3
+    torch.testing.assert_close(zero, lora, atol=1e-6, rtol=0)
+    got = real(mixed)
+    for b in (0, 2):  # the LoRA examples of the mixed batch, pads included
+        torch.testing.assert_close(got[b], lora[b], atol=1e-6, rtol=0)
+    assert (got[1, :5] - bare[1, :5]).abs().max() > 1e-3  # the module does act on its own example
+
+
+@needs
+@each_type
+def test_mixed_batch_equals_per_example(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=3)
+    bank.freeze()
+    ids, mask = batch()
+    with torch.no_grad():
+        mixed = real(bank(ids, mask, routing=Routing.one_hot([0, 1, 2])))
+        per = torch.cat([real(bank(ids[i:i + 1], mask[i:i + 1], routing=Routing.one_hot([i]))) for i in range(3)])
+        torch.testing.assert_close(mixed, per, atol=1e-5, rtol=0)
+        # soft mixtures: per example, any weights over the experts
+        w = torch.rand(3, 3)
+        soft = real(bank(ids, mask, routing=Routing(w)))
+        per = torch.cat([real(bank(ids[i:i + 1], mask[i:i + 1], routing=Routing(w[i:i + 1]))) for i in range(3)])
+        torch.testing.assert_close(soft, per, atol=1e-5, rtol=0)
+        # input/attention-level modules mix what they inject: params and output mixing agree
+        params = real(bank(ids, mask, routing=Routing(w, mix="params")))
+        torch.testing.assert_close(params, soft, atol=1e-6, rtol=0)
+
+
+@needs
+@each_type
+def test_only_module_parameters_get_gradients(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=2)
+    bank.add("lora", "lora")
+    bank.freeze()
+    bank.unfreeze("m1")
+    bank.train()
+    ids, mask = batch()
+    out = bank(ids, mask, routing=Routing(torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4]])))
+    real(out).pow(2).mean().backward()
+    own = bank.module_parameters("m1")
+    for n, p in own.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    others = {id(p) for p in own.values()}
+    for n, p in bank.named_parameters():
+        if id(p) not in others:
+            assert p.grad is None, n
+
+
+@needs
+@each_type
+def test_loss_falls(family, mtype, cfg):
+    bank = ModuleBank(make_backbone(family))
+    bank.add("m", mtype, dict(cfg))
+    bank.train()
+    ids, mask = batch()
+    target = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.Adam(bank.trainable_parameters(), lr=1e-2)
+    routing = Routing.one_hot([0, 0, 0])
+
+    def loss():
+        h = real(bank(ids, mask, routing=routing))
+        m = mask[..., None].to(h.dtype)
+        return ((h * m).sum(1) / m.sum(1) - target).pow(2).mean()
+
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss_ = loss()
+        loss_.backward()
+        opt.step()
+    assert loss().item() < 0.9 * first
+
+
+@needs
+@each_type
+@pytest.mark.parametrize("finalize", [False, True])
+def test_save_load_round_trip(family, mtype, cfg, finalize, tmp_path):
+    bank = bank_with(family, mtype, cfg, n=2)
+    bank.add("lora", "lora")
+    randomize(bank, "lora", seed=9)
+    ids, mask = batch()
+    r = Routing.one_hot([0, 1, 2])
+    with torch.no_grad():
+        before = real(bank(ids, mask, routing=r))
+    if finalize:
+        bank.finalize("m0")
+    bank.save(tmp_path / "bank")
+    loaded = ModuleBank.load(tmp_path / "bank", make_backbone(family))
+    assert loaded.names == bank.names
+    with torch.no_grad():
+        torch.testing.assert_close(real(loaded(ids, mask, routing=r)), before, atol=1e-5, rtol=0)
+        torch.testing.assert_close(real(bank(ids, mask, routing=r)), before, atol=1e-5, rtol=0)
+    assert set(loaded.module_parameters("m0")) == set(bank.module_parameters("m0"))
+
+
+@needs
+@each_type
+def test_growing_leaves_outputs_unchanged(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=1)
+    bank.freeze()
+    ids, mask = batch()
+    r = Routing.one_hot([0, 0, 0])
+    with torch.no_grad():
+        before = real(bank(ids, mask, routing=r))
+        bank.add("same", mtype, dict(cfg), seed=7)  # same group: the stack grows
+        bank.add("other", mtype, dict(cfg, **({"n_tokens": 2} if "n_tokens" in cfg else {"prefix_tokens": 2})))
+        bank.add("lora", "lora")
+        for name in ("same", "other", "lora"):
+            randomize(bank, name, seed=11)
+        torch.testing.assert_close(real(bank(ids, mask, routing=r)), before, atol=1e-6, rtol=0)
+        bank.remove("same")
+        torch.testing.assert_close(real(bank(ids, mask, routing=r)), before, atol=1e-6, rtol=0)
+
+
+@needs
+@each_type
+def test_per_token_routing_is_refused(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=2)
+    ids, mask = batch()
+    with pytest.raises(MtpeftError, match="per example"):
+        bank(ids, mask, routing=Routing(torch.rand(3, 7, 2)))
+    kernels_max = kernels.DENSE_TOKEN_MAX_EXPERTS
+    try:  # per-token routing that leaves these modules out is fine (the grouped path included)
+        kernels.DENSE_TOKEN_MAX_EXPERTS = 0
+        bank.add("lora", "lora")
+        bank.add("lora2", "lora")
+        w = torch.zeros(3, 7, 4)
+        w[..., 2:] = torch.rand(3, 7, 2)
+        top = Routing.topk(w[..., 2:], 1)
+        bank(ids, mask, routing=Routing(top.weights, top.indices + 2))
+    finally:
+        kernels.DENSE_TOKEN_MAX_EXPERTS = kernels_max
+
+
+@needs
+@each_type
+def test_finalize_keeps_outputs(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=2)
+    ids, mask = batch()
+    r = Routing(torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.0, 1.0]]))
+    with torch.no_grad():
+        before = real(bank(ids, mask, routing=r))
+    changed = bank.finalize("m1")
+    reparam = mtype == "ptuning" or cfg.get("projection") or mtype == "mam"
+    assert changed == bool(reparam) and bank.record("m1").finalized == bool(reparam)
+    assert not bank.finalize("m1")
+    names = {k.rsplit(".", 1)[-1] for k in bank.module_parameters("m1") if k.startswith("<")}
+    if reparam:
+        assert names in ({"virtual_tokens"}, {"kv"})
+    with torch.no_grad():
+        torch.testing.assert_close(real(bank(ids, mask, routing=r)), before, atol=1e-5, rtol=0)
+    assert all(p.requires_grad for p in bank.module_parameters("m1").values())
+
+
+@needs
+@each_type
+def test_not_mergeable(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=1)
+    with pytest.raises(MtpeftError, match="cannot be merged"):
+        bank.merge("m0")
+
+
+@pytest.mark.parametrize("mtype,bad", [
+    ("prompt", {"n_tokens": 0}), ("prompt", {"init_text": "  "}), ("prompt", {"target_modules": ["query"]}),
+    ("prompt", {"init_std": -1.0}), ("ptuning", {"encoder": "gru"}), ("ptuning", {"lstm_layers": 0}),
+    ("ptuning", {"dropout": 1.0}), ("ptuning", {"encoder_hidden": 0}), ("prefix", {"n_tokens": -2}),
+    ("prefix", {"projection_hidden": 0}), ("prefix", {"target_modules": ["q_proj"]}), ("prefix", {"bogus": 1}),
+    ("mam", {"prefix_tokens": 0}), ("mam", {"adapter_r": 0}), ("mam", {"adapter_scale": 0.0}),
+])
+def test_config_validation(mtype, bad):
+    cls = MODULE_TYPES.get(mtype).config_cls
+    with pytest.raises((MtpeftError, ValueError)):
+        cls.from_dict(bad)
+
+
+# ---- prompt mechanics -------------------------------------------------------------------------
+@needs
+def test_prompt_matches_manual_prepend(family):
+    """A routed prompt == the bare model run on [prompt; embeddings] with default positions 0..n+T-1."""
+    bank = bank_with(family, "prompt", {"n_tokens": 4}, n=1)
+    ids, mask = batch()
+    with torch.no_grad():
+        out = bank(ids, mask, routing=Routing.one_hot([0, 0, 0]))
+        P = bank.module_parameters("m0")["<input>.prompt"]
+        emb = bank.model.get_input_embeddings()(ids)
+        body = bank.model.get_decoder() if family == "causal" else bank.model
+        ref = body(inputs_embeds=torch.cat([P.expand(3, -1, -1), emb], 1),
+                   attention_mask=torch.cat([torch.ones(3, 4, dtype=mask.dtype), mask], 1)).last_hidden_state
+    assert out.n_virtual == 4 and out.attention_mask.shape == (3, 11)
+    torch.testing.assert_close(out.output, ref, atol=1e-5, rtol=0)
+
+
+def test_prompt_init_from_text():
+    bb = make_backbone("encoder")
+    bank = ModuleBank(bb)
+    bank.add("p", "prompt", {"n_tokens": 5, "init_text": "ab"})
+    P = bank.module_parameters("p")["<input>.prompt"]
+    ids = torch.tensor(_Tok()("ab")["input_ids"] * 3)[:5]
+    torch.testing.assert_close(P, bb.model.get_input_embeddings().weight[ids])
+    bb.tokenizer = None
+    with pytest.raises(MtpeftError, match="tokenizer"):
+        ModuleBank(bb).add("p", "prompt", {"init_text": "ab"})
+
+
+def test_prompt_random_init_scale_and_seed():
+    bb = make_backbone("causal")
+    bank = ModuleBank(bb)
+    state = torch.random.get_rng_state()
+    bank.add("a", "prompt", {"n_tokens": 50}, seed=1)
+    bank.add("b", "ptuning", {"n_tokens": 5}, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())  # init draws from the seed, not the global RNG
+    P = bank.module_parameters("a")["<input>.prompt"]
+    std = bb.model.get_input_embeddings().weight.std()
+    assert 0.7 < float(P.std() / std) < 1.3
+
+
+def test_prompt_overflowing_positions_is_a_clear_error():
+    bank = ModuleBank(make_backbone("encoder"))
+    bank.add("p", "prompt", {"n_tokens": 10})
+    ids = torch.randint(1, VOCAB, (1, 60))
+    with pytest.raises(MtpeftError, match="positions"):
+        bank(ids, torch.ones_like(ids), routing=Routing.one_hot([0]))
+
+
+def test_prompt_and_prefix_compose():
+    """Two input-level groups and a LoRA in one batch; each example == its own forward."""
+    for family in FAMILIES:
+        bank = ModuleBank(make_backbone(family))
+        for name, t, c in [("p", "prompt", {"n_tokens": 2}), ("x", "prefix", {"n_tokens": 3}), ("l", "lora", None)]:
+            bank.add(name, t, c)
+            randomize(bank, name)
+        bank.freeze()
+        ids, mask = batch(B=4)
+        w = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 1.0, 1.0]])
+        with torch.no_grad():
+            mixed = real(bank(ids, mask, routing=Routing(w)))
+            per = torch.cat([real(bank(ids[i:i + 1], mask[i:i + 1], routing=Routing(w[i:i + 1]))) for i in range(4)])
+        torch.testing.assert_close(mixed, per, atol=1e-5, rtol=0)
+
+
+# ---- prefix mechanics: the pre-filled cache against reference computations ---------------------
+def _attention_kv(model, family, ids):
+    """Each layer's keys/values for ``ids`` as the model's attention computes them (via its own cache)."""
+    cache = DynamicCache()
+    body = model.get_decoder() if family == "causal" else model
+    body(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@needs
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_equals_attending_to_real_tokens(family, attn):
+    """Prefix kv := the keys/values of real tokens P; the output on X then equals the model run on [P; X].
+
+    Causal (Llama, any depth): X attends to P exactly as in the joint run, at positions l..l+T-1.
+    Encoder (BERT, bidirectional): holds for one layer, where P's keys do not depend on X.
+    """
+    layers = 2 if family == "causal" else 1
+    bank = ModuleBank(make_backbone(family, layers=layers, attn=attn))
+    bank.add("x", "prefix", {"n_tokens": 3})
+    ids, mask = batch()
+    mask[:] = 1
+    P = torch.randint(1, VOCAB, (1, 3))
+    kv = _attention_kv(bank.model, family, P)
+    with torch.no_grad():
+        param = bank.module_parameters("x")["<attention>.kv"]
+        for i, (k, v) in enumerate(kv):  # [1, heads, l, hd] -> [l, heads*hd]
+            param[i, 0] = k[0].transpose(0, 1).reshape(3, -1)
+            param[i, 1] = v[0].transpose(0, 1).reshape(3, -1)
+        out = bank(ids, mask, routing=Routing.one_hot([0, 0, 0])).output
+        body = bank.model.get_decoder() if family == "causal" else bank.model
+        joint = body(input_ids=torch.cat([P.expand(3, -1), ids], 1), attention_mask=torch.ones(3, 10)).last_hidden_state
+    torch.testing.assert_close(out, joint[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_shapes_follow_gqa():
+    bank = ModuleBank(make_backbone("causal"))
+    bank.add("x", "prefix", {"n_tokens": 5})
+    kv = bank.module_parameters("x")["<attention>.kv"]
+    assert kv.shape == (2, 2, 5, 2 * 8)  # layers, k/v, l, kv_heads * head_dim (4 query heads, 2 kv heads)
+
+
+def test_prefix_refuses_a_user_cache():
+    bank = ModuleBank(make_backbone("causal"))
+    bank.add("x", "prefix", {"n_tokens": 2})
+    ids, mask = batch()
+    with pytest.raises(MtpeftError, match="past_key_values"):
+        bank(ids, mask, routing=Routing.one_hot([0, 0, 0]), past_key_values=DynamicCache())
+
+
+def test_per_layer_router_with_input_level_modules_is_refused():
+    bank = ModuleBank(make_backbone("encoder"))
+    bank.add("p", "prompt", {"n_tokens": 2})
+    ids, mask = batch()
+    with pytest.raises(MtpeftError, match="per-example routing"):
+        bank(ids, mask, routing=lambda site, x: Routing.one_hot([0] * x.shape[0]))
