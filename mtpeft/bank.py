@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,7 @@ class BankOutput:
 class BankedLinear(nn.Module):
     """A frozen ``nn.Linear`` plus the stacks of the bank's modules that act on it."""
 
-    def __init__(self, base: nn.Linear, site: str, bank: "ModuleBank"):
+    def __init__(self, base: nn.Linear, site: str, bank: ModuleBank):
         super().__init__()
         self.base = base
         self.site = site
@@ -114,6 +115,11 @@ class BankedLinear(nn.Module):
 class ModuleBank(nn.Module):
     def __init__(self, backbone):
         super().__init__()
+        if getattr(backbone.model, "_mtpeft_bank", False) or any(
+                isinstance(m, BankedLinear) for m in backbone.model.modules()):
+            raise MtpeftError("this backbone already carries a ModuleBank; load a fresh backbone "
+                              "(load_backbone(...)) for a second bank, or keep using the first")
+        backbone.model._mtpeft_bank = True
         self.backbone = backbone
         self.model = backbone.model
         self.family = backbone.family
@@ -197,8 +203,9 @@ class ModuleBank(nn.Module):
         if group is None:
             group = Group(key, mtype, config, sites=self._install(key, mtype, config))
             self.groups[key] = group
-        for _, stack in self.stacks_of(group):
+        for site, stack in self.stacks_of(group):
             stack.add_expert(gen)
+            stack.experts[-1].to(device=self._site_device(site))  # the first expert of a stack too
             if not trainable:
                 stack.experts[-1].requires_grad_(False)
         group.members.append(name)
@@ -262,9 +269,15 @@ class ModuleBank(nn.Module):
         mods = self._sites()
         for site in sites:
             if _is_pseudo(site):
-                self.input_stacks.pop(key, None)
+                if key in self.input_stacks:
+                    del self.input_stacks[key]
             elif key in mods[site].stacks:
                 del mods[site].stacks[key]
+
+    def _site_device(self, site: str) -> torch.device:
+        if _is_pseudo(site):
+            return self.model.get_input_embeddings().weight.device
+        return self.model.get_submodule(site).weight.device
 
     def _ensure_wrapped(self, site: str) -> BankedLinear:
         m = self.model.get_submodule(site)
@@ -528,7 +541,7 @@ class ModuleBank(nn.Module):
                 stale.unlink()
 
     @classmethod
-    def load(cls, path: str | Path, backbone, trainable: bool = False) -> "ModuleBank":
+    def load(cls, path: str | Path, backbone, trainable: bool = False) -> ModuleBank:
         path = Path(path)
         manifest = read_manifest(path)
         fp = manifest["backbone"]
@@ -601,4 +614,4 @@ def _is_head(name: str, family: str) -> bool:
     return name in ("lm_head", "pooler.dense") or name.endswith(".lm_head")
 
 
-__all__ = ["ModuleBank", "ModuleRecord", "BankOutput", "BankedLinear", "read_manifest", "LinearStack"]
+__all__ = ["BankOutput", "BankedLinear", "LinearStack", "ModuleBank", "ModuleRecord", "read_manifest"]

@@ -78,7 +78,7 @@ class VirtualTokenStack(Stack):
     def extend(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                local: LocalRouting) -> tuple[Tensor, Tensor, Tensor, int]:
         """Prepend the virtual tokens: ``(embeds', mask', position_ids', n_prepended)``."""
-        B, T, H = embeds.shape
+        B, _, H = embeds.shape
         if H != self.hidden:
             raise MtpeftError(f"prompt width {self.hidden} does not match the backbone's hidden size {H}")
         n = self.n_tokens

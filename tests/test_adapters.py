@@ -1,0 +1,487 @@
+"""Bottleneck adapters (houlsby, pfeiffer, parallel, scaled_parallel) on tiny BERT and Llama.
+
+Generic checks crossed with types x families, then the adapters' own mechanics checked against a
+reference built from plain forward hooks on a bare copy of the backbone: sequential adapters read
+the sublayer output, parallel ones the sublayer input of the SAME layer.
+"""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from mtpeft import kernels
+from mtpeft.bank import ModuleBank
+from mtpeft.io import MtpeftError
+from mtpeft.modules import MODULE_TYPES
+from mtpeft.modules.adapter import source_site
+from mtpeft.routing import Routing
+
+FAMILIES = ["encoder", "causal"]
+TYPES = [
+    ("houlsby", {"r": 8}),
+    ("pfeiffer", {"r": 8, "activation": "gelu"}),
+    ("parallel", {"r": 8}),
+    ("parallel", {"r": 8, "placement": "both", "activation": "tanh"}),
+    ("scaled_parallel", {"reduction_factor": 4, "activation": "silu"}),
+]
+IDS = ["houlsby", "pfeiffer", "parallel", "parallel-both", "scaled_parallel"]
+VOCAB = 100
+ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def make_backbone(family: str, layers: int = 2, seed: int = 0, hidden: int = 32, ffn: int = 64, heads: int = 4):
+    torch.manual_seed(seed)
+    if family == "encoder":
+        m = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn))
+    m.eval().requires_grad_(False)
+    return types.SimpleNamespace(model=m, family=family, fingerprint=lambda: {"name": family},
+                                 fingerprint_matches=lambda fp: True, describe_mismatch=lambda a, b: "")
+
+
+def batch(B=3, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T - 2:] = 0  # one right-padded example
+    return ids, mask
+
+
+def randomize(bank, name, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bank.module_parameters(name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for _, stack in bank.stacks_of(bank._group_of(name)[0]):
+        stack.invalidate()
+
+
+def bank_with(family, mtype, cfg, n=1, layers=2):
+    bank = ModuleBank(make_backbone(family, layers=layers))
+    for i in range(n):
+        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
+        randomize(bank, f"m{i}", seed=i)
+    return bank
+
+
+def out(bank, ids, mask, routing):
+    return bank(ids, mask, routing=routing).output
+
+
+needs = pytest.mark.parametrize("family", FAMILIES)
+each_type = pytest.mark.parametrize("mtype,cfg", TYPES, ids=IDS)
+
+
+# ---- generic checks ---------------------------------------------------------------------------
+@needs
+@each_type
+def test_identity_at_init(family, mtype, cfg):
+    bank = ModuleBank(make_backbone(family))
+    ids, mask = batch()
+    with torch.no_grad():
+        bare = bank(ids, mask).output
+        bank.add("a", mtype, dict(cfg))
+        bank.add("b", mtype, dict(cfg), seed=3)
+        assert all(p.abs().sum() > 0 for k, p in bank.module_parameters("a").items() if k.endswith("down"))
+        torch.testing.assert_close(out(bank, ids, mask, Routing.one_hot([0, 1, 0])), bare, atol=0, rtol=0)
+        torch.testing.assert_close(out(bank, ids, mask, Routing(torch.rand(3, 7, 2))), bare, atol=0, rtol=0)
+    assert bank.state.stash == {}  # the stash lives for one routed forward only
+
+
+@needs
+@each_type
+def test_only_module_parameters_get_gradients(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=3)
+    bank.add("lora", "lora")
+    bank.train()
+    ids, mask = batch()
+    # all trainable, one-hot routing: only m1's experts take part
+    out(bank, ids, mask, Routing.one_hot([1, 1, 1])).pow(2).mean().backward()
+    own = bank.module_parameters("m1")
+    for n, p in own.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    others = {id(p) for p in own.values()}
+    for n, p in bank.named_parameters():
+        if id(p) not in others:
+            assert p.grad is None, n
+    # others frozen, soft mixtures (per example and per token) that include them
+    bank.zero_grad(set_to_none=True)
+    bank.freeze()
+    bank.unfreeze("m1")
+    w = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.3, 0.3, 0.2, 0.2]])
+    loss = out(bank, ids, mask, Routing(w)).pow(2).mean() + out(bank, ids, mask, Routing(torch.rand(3, 7, 4))).mean()
+    loss.backward()
+    for n, p in bank.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) if id(p) in others else p.grad is None, n
+
+
+@needs
+@each_type
+def test_loss_falls(family, mtype, cfg):
+    """Learnable synthetic task: match the pooled output a randomised teacher adapter gives."""
+    bank = bank_with(family, mtype, cfg, n=1)  # m0: the teacher
+    bank.add("student", mtype, dict(cfg), seed=1)
+    bank.freeze("m0")
+    bank.train()
+    ids, mask = batch()
+    m = mask[..., None].float()
+
+    def pooled(routing):
+        return (out(bank, ids, mask, routing) * m).sum(1) / m.sum(1)
+
+    with torch.no_grad():
+        target = pooled(Routing.one_hot([0, 0, 0]))
+    opt = torch.optim.Adam(bank.trainable_parameters(), lr=1e-2)
+
+    def loss():
+        return (pooled(Routing.one_hot([1, 1, 1])) - target).pow(2).mean()
+
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.5 * first
+
+
+@needs
+@each_type
+def test_save_load_round_trip(family, mtype, cfg, tmp_path):
+    bank = bank_with(family, mtype, cfg, n=2)
+    bank.add("lora", "lora")
+    randomize(bank, "lora", seed=9)
+    ids, mask = batch()
+    r = Routing.one_hot([0, 1, 2])
+    with torch.no_grad():
+        before = out(bank, ids, mask, r)
+    bank.save(tmp_path / "bank")
+    loaded = ModuleBank.load(tmp_path / "bank", make_backbone(family))
+    assert loaded.names == bank.names
+    assert [r.config for r in loaded.records] == [r.config for r in bank.records]
+    with torch.no_grad():
+        torch.testing.assert_close(out(loaded, ids, mask, r), before, atol=1e-6, rtol=0)
+    assert set(loaded.module_parameters("m0")) == set(bank.module_parameters("m0"))
+
+
+@needs
+@each_type
+def test_not_mergeable(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=1)
+    assert not MODULE_TYPES.get(mtype).mergeable
+    with pytest.raises(MtpeftError, match="cannot be merged"):
+        bank.merge("m0")
+
+
+@needs
+@each_type
+def test_mixed_batch_equals_per_example(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=3)
+    bank.freeze()
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        mixed = out(bank, ids, mask, Routing.one_hot([0, 1, 2]))
+        per = torch.cat([out(bank, ids[i:i + 1], mask[i:i + 1], Routing.one_hot([i])) for i in range(3)])
+        torch.testing.assert_close(mixed, per, atol=1e-5, rtol=0)
+        for mix in ("output", "params"):  # soft mixtures, randomised weights
+            w = torch.rand(3, 3, generator=g)
+            soft = out(bank, ids, mask, Routing(w, mix=mix))
+            per = torch.cat([out(bank, ids[i:i + 1], mask[i:i + 1], Routing(w[i:i + 1], mix=mix)) for i in range(3)])
+            torch.testing.assert_close(soft, per, atol=1e-5, rtol=0)
+        # top-2 with explicit indices == the same weights given dense over the bank
+        idx = torch.tensor([[2, 0], [1, 2], [0, 1]])
+        w2 = torch.rand(3, 2, generator=g)
+        dense = torch.zeros(3, 3).scatter_(1, idx, w2)
+        torch.testing.assert_close(out(bank, ids, mask, Routing(w2, idx)), out(bank, ids, mask, Routing(dense)),
+                                   atol=1e-5, rtol=0)
+
+
+@needs
+@each_type
+def test_growing_leaves_outputs_unchanged(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=1)
+    bank.freeze()
+    ids, mask = batch()
+    r = Routing.one_hot([0, 0, 0])
+    with torch.no_grad():
+        before = out(bank, ids, mask, r)
+        bank.add("same", mtype, dict(cfg), seed=7)  # same group: the stacks grow
+        bank.add("other", mtype, dict(cfg, activation="relu", r=4, reduction_factor=None))  # a second group
+        bank.add("seq", "houlsby", {"r": 4})
+        bank.add("lora", "lora")
+        for name in ("same", "other", "seq", "lora"):
+            randomize(bank, name, seed=11)
+        torch.testing.assert_close(out(bank, ids, mask, r), before, atol=1e-6, rtol=0)
+        bank.remove("same")
+        bank.remove("other")
+        torch.testing.assert_close(out(bank, ids, mask, r), before, atol=1e-6, rtol=0)
+
+
+@needs
+@each_type
+@pytest.mark.parametrize("k", [1, 2])
+def test_per_token_dense_equals_grouped(family, mtype, cfg, k, monkeypatch):
+    bank = bank_with(family, mtype, cfg, n=5)
+    bank.freeze()
+    ids, mask = batch()
+    r = Routing.topk(torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(2)), k)
+    with torch.no_grad():
+        dense = out(bank, ids, mask, r)
+        monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
+        grouped = out(bank, ids, mask, r)
+    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
+    # per-token routing that is constant over the tokens == per-example routing
+    w = torch.rand(3, 5)
+    with torch.no_grad():
+        tok = out(bank, ids, mask, Routing(w[:, None].expand(3, 7, 5).contiguous()))
+        ex = out(bank, ids, mask, Routing(w))
+    torch.testing.assert_close(tok, ex, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mtype,bad", [
+    ("houlsby", {"r": 0}), ("houlsby", {"r": 2.5}), ("pfeiffer", {"activation": "softmax"}),
+    ("parallel", {"placement": "middle"}), ("parallel", {"dropout": 1.0}), ("parallel", {"dropout": -0.1}),
+    ("scaled_parallel", {"scale": 0.0}), ("scaled_parallel", {"reduction_factor": 0}),
+    ("houlsby", {"bottleneck": 8}), ("pfeiffer", {"target_modules": "down_proj"}),
+])
+def test_config_validation(mtype, bad):
+    cls = MODULE_TYPES.get(mtype).config_cls
+    with pytest.raises((MtpeftError, ValueError)):
+        cls.from_dict(bad)
+
+
+def test_defaults():
+    get = MODULE_TYPES.get
+    assert get("houlsby").config_cls().placement == "both"
+    assert get("pfeiffer").config_cls().placement == "ffn"
+    assert get("parallel").config_cls().placement == "ffn" and get("parallel").config_cls().scale == 1.0
+    assert get("scaled_parallel").config_cls().scale == 4.0
+    c = get("houlsby").config_cls()
+    assert (c.r, c.activation, c.dropout, c.reduction_factor) == (64, "relu", 0.0, None)
+    assert get("houlsby").default_targets["causal"] == ["o_proj", "down_proj"]
+
+
+# ---- sites -----------------------------------------------------------------------------------
+def _sites(bank, name):
+    return sorted(bank._group_of(name)[0].sites)
+
+
+def test_sites_per_type():
+    enc = ModuleBank(make_backbone("encoder"))
+    enc.add("h", "houlsby", {"r": 4})
+    enc.add("pf", "pfeiffer", {"r": 4})
+    enc.add("pa", "parallel", {"r": 4, "placement": "attention"})
+    att = [f"encoder.layer.{i}.attention.output.dense" for i in range(2)]
+    ffn = [f"encoder.layer.{i}.output.dense" for i in range(2)]
+    assert _sites(enc, "h") == sorted(att + ffn)
+    assert _sites(enc, "pf") == ffn
+    assert _sites(enc, "pa") == att
+    assert enc._stash_sites == {f"encoder.layer.{i}.attention.self.query" for i in range(2)}
+    dec = ModuleBank(make_backbone("causal"))
+    dec.add("h", "houlsby", {"r": 4})
+    dec.add("p", "scaled_parallel", {"r": 4, "placement": "both"})
+    both = sorted(f"model.layers.{i}.{s}" for i in range(2) for s in ("self_attn.o_proj", "mlp.down_proj"))
+    assert _sites(dec, "h") == _sites(dec, "p") == both
+    assert dec._stash_sites == {f"model.layers.{i}.{s}" for i in range(2) for s in ("self_attn.q_proj", "mlp.up_proj")}
+
+
+def test_source_site_same_layer():
+    assert source_site("encoder.layer.11.output.dense") == "encoder.layer.11.intermediate.dense"
+    assert source_site("encoder.layer.3.attention.output.dense") == "encoder.layer.3.attention.self.query"
+    assert source_site("model.layers.10.mlp.down_proj") == "model.layers.10.mlp.up_proj"
+    assert source_site("model.layers.0.self_attn.o_proj") == "model.layers.0.self_attn.q_proj"
+    with pytest.raises(MtpeftError, match="output projection"):
+        source_site("encoder.layer.0.attention.self.value")
+
+
+@needs
+def test_parallel_on_a_non_output_layer_is_refused_cleanly(family):
+    bank = ModuleBank(make_backbone(family))
+    target = "value" if family == "encoder" else "v_proj"
+    with pytest.raises(MtpeftError, match="output projection"):
+        bank.add("p", "parallel", {"r": 4, "target_modules": [target]})
+    assert bank.names == [] and bank.groups == {}
+    bank.add("s", "pfeiffer", {"r": 4, "target_modules": [target]})  # sequential adapters go anywhere
+    ids, mask = batch()
+    with torch.no_grad():
+        bank(ids, mask, routing=Routing.one_hot([0, 0, 0]))
+
+
+# ---- reference: plain hooks on a bare copy of the backbone -----------------------------------
+def _ref_source(site: str) -> str:
+    """Independent of the code under test: the layer of the same index that reads the sublayer input."""
+    for a, b in (("attention.output.dense", "attention.self.query"), ("output.dense", "intermediate.dense"),
+                 ("o_proj", "q_proj"), ("down_proj", "up_proj")):
+        if site.endswith(a):
+            return site[: -len(a)] + b
+    raise AssertionError(site)
+
+
+def reference(family, bank, names, routing_w, mtype, cfg, ids, mask):
+    """The bank's output recomputed on a bare backbone with forward hooks. routing_w: [B,E] or [B,T,E]."""
+    model = make_backbone(family, layers=bank.model.config.num_hidden_layers).model
+    conf = MODULE_TYPES.get(mtype).config_cls.from_dict(dict(cfg))
+    act = ACTS[conf.activation]
+    parallel = mtype in ("parallel", "scaled_parallel")
+    store, handles = {}, []
+    for site in bank._group_of(names[0])[0].sites:
+        experts = [bank.module_parameters(n) for n in names]
+        downs = [e[f"{site}.adapter_down"] for e in experts]
+        ups = [e[f"{site}.adapter_up"] for e in experts]
+        src = _ref_source(site)
+        if parallel:
+            handles.append(model.get_submodule(src).register_forward_pre_hook(
+                lambda mod, inp, src=src: store.__setitem__(src, inp[0])))
+
+        def hook(mod, inp, y, src=src, downs=downs, ups=ups):
+            h = store[src] if parallel else y
+            w = routing_w if routing_w.dim() == 3 else routing_w[:, None].expand(*h.shape[:2], -1)
+            delta = sum(w[..., e, None] * conf.scale * act(h @ downs[e].t()) @ ups[e].t() for e in range(len(downs)))
+            return y + delta
+
+        handles.append(model.get_submodule(site).register_forward_hook(hook))
+    body = model.get_decoder() if family == "causal" else model
+    try:
+        return body(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@needs
+@each_type
+@pytest.mark.parametrize("kind", ["example", "token-dense", "token-grouped"])
+def test_matches_hook_reference(family, mtype, cfg, kind, monkeypatch):
+    """Sequential adapters read the sublayer output, parallel ones the sublayer input of the same
+    layer (reading another layer's stash, or the wrong site, breaks the match), under mixed-task
+    per-example routing and per-token routing, dense and grouped."""
+    bank = bank_with(family, mtype, cfg, n=3, layers=3)
+    bank.freeze()
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(5)
+    if kind == "example":
+        w = torch.rand(3, 3, generator=g)
+        w[1] = torch.tensor([0.0, 1.0, 0.0])
+        routing = Routing(w)
+    else:
+        routing = Routing.topk(torch.randn(3, 7, 3, generator=g), 1 if kind == "token-grouped" else 2)
+        w = torch.zeros(3, 7, 3).scatter_(-1, routing.indices, routing.weights)
+        if kind == "token-grouped":
+            monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
+    with torch.no_grad():
+        got = out(bank, ids, mask, routing)
+        ref = reference(family, bank, ["m0", "m1", "m2"], w, mtype, cfg, ids, mask)
+        bare = bank(ids, mask).output
+    assert (got - bare).abs().max() > 1e-2
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs
+def test_parallel_reads_the_stash_of_its_own_layer(family):
+    """Each layer's parallel adapter delta == f(input of that layer's FFN), checked at every layer."""
+    bank = bank_with(family, "parallel", {"r": 4}, n=1, layers=3)
+    mods = dict(bank.model.named_modules())
+    src_in, tgt = {}, {}
+    handles = []
+    for site in bank._group_of("m0")[0].sites:
+        handles.append(mods[_ref_source(site)].register_forward_pre_hook(
+            lambda m, i, s=site: src_in.__setitem__(s, i[0])))
+        handles.append(mods[site].register_forward_hook(
+            lambda m, i, o, s=site: tgt.__setitem__(s, (m.base(i[0]), o))))
+    ids, mask = batch()
+    with torch.no_grad():
+        bank(ids, mask, routing=Routing.one_hot([0, 0, 0]))
+    for h in handles:
+        h.remove()
+    params = bank.module_parameters("m0")
+    assert len(tgt) == 3
+    inputs = list(src_in.values())
+    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(inputs) for b in inputs[i + 1:])  # layers differ
+    for site, (base_y, y) in tgt.items():
+        down, up = params[f"{site}.adapter_down"], params[f"{site}.adapter_up"]
+        torch.testing.assert_close(y - base_y, F.relu(src_in[site] @ down.t()) @ up.t(), atol=1e-5, rtol=1e-5)
+
+
+@needs
+def test_houlsby_is_sequential_not_parallel(family):
+    """Houlsby reads the projection's output: its delta is f(y) and differs from f(x)."""
+    bank = bank_with(family, "houlsby", {"r": 4, "placement": "attention"}, n=1)
+    site = bank._group_of("m0")[0].sites[0]
+    layer = bank.model.get_submodule(site)
+    seen = {}
+    h = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=m.base(i[0]), out=o))
+    ids, mask = batch()
+    with torch.no_grad():
+        bank(ids, mask, routing=Routing.one_hot([0, 0, 0]))
+    h.remove()
+    p = bank.module_parameters("m0")
+    down, up = p[f"{site}.adapter_down"], p[f"{site}.adapter_up"]
+    torch.testing.assert_close(seen["out"], seen["y"] + F.relu(seen["y"] @ down.t()) @ up.t(), atol=1e-5, rtol=1e-5)
+
+
+@needs
+def test_per_layer_router_callable(family):
+    """A router called at each site gives the same result as the equivalent static routing."""
+    bank = bank_with(family, "parallel", {"r": 4, "placement": "both"}, n=3)
+    ids, mask = batch()
+    w = torch.rand(3, 7, 3, generator=torch.Generator().manual_seed(8))
+    calls = []
+
+    def router(site, x):
+        calls.append(site)
+        return Routing(w)
+
+    with torch.no_grad():
+        torch.testing.assert_close(out(bank, ids, mask, router), out(bank, ids, mask, Routing(w)), atol=1e-6, rtol=0)
+    assert len(calls) == 4  # once per adapter site (2 layers x attention, FFN)
+
+
+@needs
+def test_composes_with_a_prompt(family):
+    """Prompt positions lengthen every layer's hidden states; the stash follows, in mixed batches too."""
+    bank = bank_with(family, "parallel", {"r": 4}, n=1)
+    bank.add("prompt", "prompt", {"n_tokens": 2})
+    ids, mask = batch()
+    w = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # both, adapter only, prompt only
+    with torch.no_grad():
+        mixed = bank(ids, mask, routing=Routing(w))
+        assert mixed.n_virtual == 2
+        for b in range(3):
+            one = bank(ids[b:b + 1], mask[b:b + 1], routing=Routing(w[b:b + 1]))
+            torch.testing.assert_close(mixed.output[b:b + 1, 2:], one.output[:, one.n_virtual:], atol=1e-5, rtol=0)
+        prompt = bank(ids, mask, routing=Routing.one_hot([1, 1, 1]))
+        assert (mixed.output[0] - prompt.output[0]).abs().max() > 1e-3
+
+
+def test_parameter_counts_minilm_shape():
+    """Defaults (r = 64) on a 384-hidden 6-layer BERT: 2 * 384 * 64 per adapter site."""
+    bank = ModuleBank(make_backbone("encoder", layers=6, hidden=384, ffn=1536, heads=12))
+    counts = {}
+    for t in ("houlsby", "pfeiffer", "parallel", "scaled_parallel"):
+        bank.add(t, t)
+        counts[t] = sum(p.numel() for p in bank.module_parameters(t).values())
+    assert counts == {"houlsby": 589_824, "pfeiffer": 294_912, "parallel": 294_912, "scaled_parallel": 294_912}
+    bank.add("rf16", "pfeiffer", {"reduction_factor": 16})
+    assert sum(p.numel() for p in bank.module_parameters("rf16").values()) == 6 * 2 * 384 * 24
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_shipped_tiny_backbones(name):
+    backbone = pytest.importorskip("mtpeft.backbone")
+    bank = ModuleBank(backbone.load_backbone(name, seed=0))
+    ids, mask = batch()
+    ids = ids.clamp_max(bank.model.config.vocab_size - 1)
+    with torch.no_grad():
+        bare = bank(ids, mask).output
+        for i, t in enumerate(("houlsby", "pfeiffer", "parallel", "scaled_parallel")):
+            bank.add(t, t, {"r": 4})
+            torch.testing.assert_close(out(bank, ids, mask, Routing.one_hot([i] * 3)), bare, atol=0, rtol=0)
+            randomize(bank, t, seed=i)
+        mixed = out(bank, ids, mask, Routing.one_hot([0, 2, 3]))
+        per = torch.cat([out(bank, ids[b:b + 1], mask[b:b + 1], Routing.one_hot([e])) for b, e in enumerate((0, 2, 3))])
+        torch.testing.assert_close(mixed, per, atol=1e-5, rtol=0)
