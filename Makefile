@@ -24,7 +24,7 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup
-	$(PY) -m pytest -q -x -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not e2e" tests

@@ -1,1 +1,23 @@
-"""mtpeft (public API assembled once all parts land)."""
+"""mtpeft: continual and multi-task learning with banks of parameter-efficient task modules.
+
+The public API, re-exported explicitly. Importing registers the built-in module types and does
+nothing else (no files, no network, no global state).
+"""
+from .backbone import Backbone, load_backbone
+from .bank import BankOutput, ModuleBank, read_manifest
+from .io import MtpeftError
+from .modules import MODULE_TYPES, ModuleConfig, ModuleType, register
+from .routing import Routing
+from .scorer import CausalScorer, EncoderScorer, make_scorer
+from .suite import builtin_names, load_builtin, load_task
+from .tasks import Task, TaskStream, load_task_file
+from .train import TrainConfig, evaluate, fit_expert, fit_multitask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone", "load_backbone", "ModuleBank", "BankOutput", "read_manifest", "MtpeftError",
+    "MODULE_TYPES", "ModuleConfig", "ModuleType", "register", "Routing",
+    "EncoderScorer", "CausalScorer", "make_scorer", "builtin_names", "load_builtin", "load_task",
+    "Task", "TaskStream", "load_task_file", "TrainConfig", "evaluate", "fit_expert", "fit_multitask",
+]

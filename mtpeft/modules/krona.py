@@ -111,11 +111,17 @@ class KronAStack(LinearStack):
         return self._Y(Y)
 
     def dense_tokens(self, x: Tensor, w: Tensor) -> Tensor:
+        # Two GEMMs with the experts side by side (einsum picked a path ~5x slower on CPU):
+        # h[n,j,(e,m)] = X_n B_e^T, then Y_n = [A_1 .. A_E] @ (w-weighted h stacked over e).
+        N = x.shape[0]
         X = self._X(x)  # [N,a_in,b_in]
         A = self.stacked("krona_A").to(x.dtype)  # [E,a_out,a_in]
         Bf = self.stacked("krona_B").to(x.dtype)  # [E,b_out,b_in]
-        h = torch.einsum("njl,eml->nejm", X, Bf)  # [N,E,a_in,b_out]
-        Y = torch.einsum("ne,eij,nejm->nim", w, A, h)  # [N,a_out,b_out]
+        E = A.shape[0]
+        h = X.reshape(-1, self.b_in) @ Bf.reshape(E * self.b_out, self.b_in).t()  # [N*a_in, E*b_out]
+        h = h.view(N, self.a_in, E, self.b_out) * w[:, None, :, None]
+        h = h.permute(0, 2, 1, 3).reshape(N, E * self.a_in, self.b_out)  # rows (e, j)
+        Y = A.permute(1, 0, 2).reshape(self.a_out, E * self.a_in) @ h  # [N,a_out,b_out]
         return self._Y(Y)
 
     def grouped(self, x: Tensor, used: Tensor) -> Tensor:

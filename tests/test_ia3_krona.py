@@ -1,0 +1,459 @@
+"""(IA)3 and KronA on tiny BERT and Llama.
+
+Generic checks crossed with types x families, then each type's own mechanics checked against a
+reference built from plain forward hooks on a bare copy of the backbone: (IA)3 scales the key/value
+outputs and the FFN output layer's input; KronA adds ``x (s A kron B)^T`` with the product materialised.
+"""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from mtpeft import kernels
+from mtpeft.bank import ModuleBank
+from mtpeft.io import MtpeftError
+from mtpeft.modules import MODULE_TYPES
+from mtpeft.modules.krona import largest_divisor
+from mtpeft.routing import Routing
+
+FAMILIES = ["encoder", "causal"]
+TYPES = [
+    ("ia3", {}),
+    ("ia3", {"feedforward_modules": []}),  # every target scales its output
+    ("krona", {}),
+    ("krona", {"a_out": 4, "a_in": 8, "alpha": 2.0}),
+]
+IDS = ["ia3", "ia3-no-ff", "krona", "krona-4x8"]
+OTHER = {"ia3": {"feedforward_modules": []}, "krona": {"max_factor": 4}}  # a second group of the same type
+VOCAB = 100
+
+
+def make_backbone(family: str, layers: int = 2, seed: int = 0, hidden: int = 32, ffn: int = 64, heads: int = 4):
+    torch.manual_seed(seed)
+    if family == "encoder":
+        m = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn))
+    m.eval().requires_grad_(False)
+    return types.SimpleNamespace(model=m, family=family, fingerprint=lambda: {"name": family},
+                                 fingerprint_matches=lambda fp: True, describe_mismatch=lambda a, b: "")
+
+
+def batch(B=3, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T - 2:] = 0  # one right-padded example
+    return ids, mask
+
+
+def randomize(bank, name, std=0.3, seed=0):
+    """Random weights; (IA)3 vectors around one (a scale near zero would be a degenerate test)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in bank.module_parameters(name).items():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1 + noise if k.endswith("ia3_l") else noise)
+    for _, stack in bank.stacks_of(bank._group_of(name)[0]):
+        stack.invalidate()
+
+
+def bank_with(family, mtype, cfg, n=1, layers=2):
+    bank = ModuleBank(make_backbone(family, layers=layers))
+    for i in range(n):
+        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
+        randomize(bank, f"m{i}", seed=i)
+    return bank
+
+
+def out(bank, ids, mask, routing=None):
+    return bank(ids, mask, routing=routing).output
+
+
+needs = pytest.mark.parametrize("family", FAMILIES)
+each_type = pytest.mark.parametrize("mtype,cfg", TYPES, ids=IDS)
+
+
+# ---- generic checks ---------------------------------------------------------------------------
+@needs
+@each_type
+def test_identity_at_init(family, mtype, cfg):
+    bank = ModuleBank(make_backbone(family))
+    ids, mask = batch()
+    with torch.no_grad():
+        bare = out(bank, ids, mask)
+        bank.add("a", mtype, dict(cfg))
+        bank.add("b", mtype, dict(cfg), seed=3)
+        params = bank.module_parameters("a")
+        if mtype == "krona":  # A random, B zero
+            assert all(p.abs().sum() > 0 for k, p in params.items() if k.endswith("krona_A"))
+            assert all(p.abs().sum() == 0 for k, p in params.items() if k.endswith("krona_B"))
+        else:
+            assert all(bool((p == 1).all()) for p in params.values())
+        torch.testing.assert_close(out(bank, ids, mask, Routing.one_hot([0, 1, 0])), bare, atol=0, rtol=0)
+        torch.testing.assert_close(out(bank, ids, mask, Routing(torch.rand(3, 7, 2))), bare, atol=0, rtol=0)
+        torch.testing.assert_close(out(bank, ids, mask, Routing(torch.rand(3, 2), mix="params")), bare,
+                                   atol=0, rtol=0)
+
+
+@needs
+@each_type
+def test_only_module_parameters_get_gradients(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=3)
+    bank.add("lora", "lora")
+    bank.train()
+    ids, mask = batch()
+    out(bank, ids, mask, Routing.one_hot([1, 1, 1])).pow(2).mean().backward()
+    own = bank.module_parameters("m1")
+    for n, p in own.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    others = {id(p) for p in own.values()}
+    for n, p in bank.named_parameters():
+        if id(p) not in others:
+            assert p.grad is None, n
+    # others frozen, soft mixtures (per example and per token) that include them
+    bank.zero_grad(set_to_none=True)
+    bank.freeze()
+    bank.unfreeze("m1")
+    w = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.3, 0.3, 0.2, 0.2]])
+    loss = out(bank, ids, mask, Routing(w)).pow(2).mean() + out(bank, ids, mask, Routing(torch.rand(3, 7, 4))).mean()
+    loss.backward()
+    for n, p in bank.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) if id(p) in others else p.grad is None, n
+
+
+@needs
+@each_type
+def test_loss_falls(family, mtype, cfg):
+    """Learnable synthetic task: match the pooled output a randomised teacher module gives."""
+    bank = bank_with(family, mtype, cfg, n=1)  # m0: the teacher
+    bank.add("student", mtype, dict(cfg), seed=1)
+    bank.freeze("m0")
+    bank.train()
+    ids, mask = batch()
+    m = mask[..., None].float()
+
+    def pooled(routing):
+        return (out(bank, ids, mask, routing) * m).sum(1) / m.sum(1)
+
+    with torch.no_grad():
+        target = pooled(Routing.one_hot([0, 0, 0]))
+    opt = torch.optim.Adam(bank.trainable_parameters(), lr=1e-2)
+
+    def loss():
+        return (pooled(Routing.one_hot([1, 1, 1])) - target).pow(2).mean()
+
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.5 * first
+
+
+@needs
+@each_type
+def test_save_load_round_trip(family, mtype, cfg, tmp_path):
+    bank = bank_with(family, mtype, cfg, n=2)
+    bank.add("lora", "lora")
+    randomize(bank, "lora", seed=9)
+    ids, mask = batch()
+    r = Routing.one_hot([0, 1, 2])
+    with torch.no_grad():
+        before = out(bank, ids, mask, r)
+    bank.save(tmp_path / "bank")
+    loaded = ModuleBank.load(tmp_path / "bank", make_backbone(family))
+    assert loaded.names == bank.names
+    assert [r.config for r in loaded.records] == [r.config for r in bank.records]
+    assert set(loaded.module_parameters("m0")) == set(bank.module_parameters("m0"))
+    with torch.no_grad():
+        torch.testing.assert_close(out(loaded, ids, mask, r), before, atol=1e-6, rtol=0)
+
+
+@needs
+@each_type
+def test_merge_equals_unmerged(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=2)
+    bank.freeze()
+    ids, mask = batch()
+    weights = {k: v.clone() for k, v in bank.model.state_dict().items()}
+    with torch.no_grad():
+        routed = out(bank, ids, mask, Routing.one_hot([1, 1, 1]))
+        bare = out(bank, ids, mask)
+        bank.merge("m1")
+        torch.testing.assert_close(out(bank, ids, mask), routed, atol=1e-5, rtol=1e-5)
+        # routing to a merged module is a no-op, not a second application
+        torch.testing.assert_close(out(bank, ids, mask, Routing.one_hot([1, 1, 1])), routed, atol=1e-5, rtol=1e-5)
+        if mtype == "krona":  # additive: merged m1 + routed m0 == both routed (for (IA)3 the two compose
+            both = Routing(torch.ones(3, 2), torch.tensor([[0, 1]] * 3))  # multiplicatively instead)
+            merged_plus = out(bank, ids, mask, Routing.one_hot([0, 0, 0]))
+        bank.unmerge("m1")
+        torch.testing.assert_close(out(bank, ids, mask), bare, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out(bank, ids, mask, Routing.one_hot([1, 1, 1])), routed, atol=1e-5, rtol=1e-5)
+        if mtype == "krona":
+            torch.testing.assert_close(merged_plus, out(bank, ids, mask, both), atol=1e-5, rtol=1e-5)
+    for k, v in bank.model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=1e-6)
+
+
+@needs
+@each_type
+def test_mixed_batch_equals_per_example(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=3)
+    bank.freeze()
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        mixed = out(bank, ids, mask, Routing.one_hot([0, 1, 2]))
+        per = torch.cat([out(bank, ids[i:i + 1], mask[i:i + 1], Routing.one_hot([i])) for i in range(3)])
+        torch.testing.assert_close(mixed, per, atol=1e-5, rtol=0)
+        for mix in ("output", "params"):  # soft mixtures, randomised weights
+            w = torch.rand(3, 3, generator=g)
+            soft = out(bank, ids, mask, Routing(w, mix=mix))
+            per = torch.cat([out(bank, ids[i:i + 1], mask[i:i + 1], Routing(w[i:i + 1], mix=mix)) for i in range(3)])
+            torch.testing.assert_close(soft, per, atol=1e-5, rtol=0)
+        # top-2 with explicit indices == the same weights given dense over the bank
+        idx = torch.tensor([[2, 0], [1, 2], [0, 1]])
+        w2 = torch.rand(3, 2, generator=g)
+        dense = torch.zeros(3, 3).scatter_(1, idx, w2)
+        torch.testing.assert_close(out(bank, ids, mask, Routing(w2, idx)), out(bank, ids, mask, Routing(dense)),
+                                   atol=1e-5, rtol=0)
+
+
+@needs
+@each_type
+def test_growing_leaves_outputs_unchanged(family, mtype, cfg):
+    bank = bank_with(family, mtype, cfg, n=1)
+    bank.freeze()
+    ids, mask = batch()
+    r = Routing.one_hot([0, 0, 0])
+    with torch.no_grad():
+        before = out(bank, ids, mask, r)
+        bank.add("same", mtype, dict(cfg), seed=7)  # same group: the stacks grow
+        bank.add("other", mtype, dict(cfg, **OTHER[mtype]))  # a second group of the same type
+        bank.add("lora", "lora")
+        for name in ("same", "other", "lora"):
+            randomize(bank, name, seed=11)
+        torch.testing.assert_close(out(bank, ids, mask, r), before, atol=1e-6, rtol=0)
+        bank.remove("same")
+        bank.remove("other")
+        torch.testing.assert_close(out(bank, ids, mask, r), before, atol=1e-6, rtol=0)
+
+
+@needs
+@each_type
+@pytest.mark.parametrize("k", [1, 2])
+def test_per_token_dense_equals_grouped(family, mtype, cfg, k, monkeypatch):
+    bank = bank_with(family, mtype, cfg, n=5)
+    bank.freeze()
+    ids, mask = batch()
+    r = Routing.topk(torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(2)), k)
+    with torch.no_grad():
+        dense = out(bank, ids, mask, r)
+        monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
+        grouped = out(bank, ids, mask, r)
+    assert (dense - out(bank, ids, mask)).abs().max() > 1e-3
+    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
+    # per-token routing that is constant over the tokens == per-example routing
+    w = torch.rand(3, 5)
+    with torch.no_grad():
+        tok = out(bank, ids, mask, Routing(w[:, None].expand(3, 7, 5).contiguous()))
+        ex = out(bank, ids, mask, Routing(w))
+    torch.testing.assert_close(tok, ex, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mtype,bad", [
+    ("ia3", {"feedforward_modules": "down_proj"}),
+    ("ia3", {"feedforward_modules": [3]}),
+    ("ia3", {"target_modules": ["k_proj", "v_proj"], "feedforward_modules": ["down_proj"]}),
+    ("ia3", {"target_modules": "k_proj"}),
+    ("ia3", {"r": 4}),
+    ("krona", {"a_out": 0}), ("krona", {"a_in": 2.5}), ("krona", {"a_out": True}), ("krona", {"max_factor": 0}),
+    ("krona", {"alpha": 0.0}), ("krona", {"dropout": 1.0}), ("krona", {"dropout": -0.1}),
+    ("krona", {"rank": 8}),
+])
+def test_config_validation(mtype, bad):
+    cls = MODULE_TYPES.get(mtype).config_cls
+    with pytest.raises((MtpeftError, ValueError)):
+        cls.from_dict(bad)
+
+
+@needs
+def test_krona_factor_that_does_not_divide_is_refused_cleanly(family):
+    bank = ModuleBank(make_backbone(family))
+    with pytest.raises(MtpeftError, match="does not divide"):
+        bank.add("k", "krona", {"a_out": 5})
+    assert bank.names == [] and bank.groups == {}
+    bank.add("k", "krona", {"a_out": 4})
+    ids, mask = batch()
+    with torch.no_grad():
+        out(bank, ids, mask, Routing.one_hot([0, 0, 0]))
+
+
+# ---- defaults and sites -------------------------------------------------------------------------
+def _stacks(bank, name):
+    group, _ = bank._group_of(name)
+    return dict(bank.stacks_of(group))
+
+
+def test_ia3_sites_and_feedforward_flags():
+    enc = ModuleBank(make_backbone("encoder"))
+    enc.add("a", "ia3")
+    st = _stacks(enc, "a")
+    want = {f"encoder.layer.{i}.{s}": ff for i in range(2)
+            for s, ff in (("attention.self.key", False), ("attention.self.value", False), ("output.dense", True))}
+    assert {s: stack.feedforward for s, stack in st.items()} == want  # not attention.output.dense
+    p = enc.module_parameters("a")
+    assert p["encoder.layer.0.output.dense.ia3_l"].shape == (64,)  # the FFN intermediate size (input)
+    assert p["encoder.layer.0.attention.self.key.ia3_l"].shape == (32,)
+    dec = ModuleBank(make_backbone("causal"))
+    dec.add("a", "ia3")
+    dec.add("b", "ia3", {"target_modules": ["v_proj", "up_proj"], "feedforward_modules": ["up_proj"]})
+    assert {s: stack.feedforward for s, stack in _stacks(dec, "a").items()} == {
+        f"model.layers.{i}.{s}": s.endswith("down_proj") for i in range(2)
+        for s in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert {s: stack.dim for s, stack in _stacks(dec, "b").items()} == {
+        f"model.layers.{i}.{s}": d for i in range(2) for s, d in (("self_attn.v_proj", 16), ("mlp.up_proj", 32))}
+    dec.add("c", "ia3", {"target_modules": ["down_proj"]})  # custom targets: the family's FFN rule still holds
+    assert all(stack.feedforward for stack in _stacks(dec, "c").values())
+
+
+def test_krona_default_factors():
+    sizes = (384, 1536, 32, 64, 16, 576, 192, 100, 7)  # MiniLM, its FFN, tiny models, SmolLM2, odd sizes
+    assert [largest_divisor(n, 16) for n in sizes] == [16, 16, 16, 16, 16, 16, 16, 10, 7]
+    assert largest_divisor(13, 4) == 1
+    enc = ModuleBank(make_backbone("encoder", hidden=384, ffn=64, heads=6, layers=1))
+    enc.add("k", "krona")
+    p = enc.module_parameters("k")
+    assert p["encoder.layer.0.attention.self.query.krona_A"].shape == (16, 16)
+    assert p["encoder.layer.0.attention.self.query.krona_B"].shape == (24, 24)
+    assert sorted({k.rsplit(".", 2)[1] for k in p}) == ["query", "value"]
+    dec = ModuleBank(make_backbone("causal"))
+    dec.add("k", "krona", {"a_out": 4, "a_in": 8})
+    p = dec.module_parameters("k")
+    assert p["model.layers.0.self_attn.v_proj.krona_A"].shape == (4, 8)
+    assert p["model.layers.0.self_attn.v_proj.krona_B"].shape == (4, 4)  # d_out 16 = 4*4, d_in 32 = 8*4
+    assert p["model.layers.1.self_attn.q_proj.krona_B"].shape == (8, 4)
+    assert MODULE_TYPES.get("ia3").default_targets["causal"] == ["k_proj", "v_proj", "down_proj"]
+
+
+def test_krona_delta_weight_is_the_kronecker_product():
+    bank = bank_with("encoder", "krona", {"a_out": 4, "a_in": 8, "alpha": 3.0}, n=1)
+    site = "encoder.layer.0.attention.self.query"
+    stack = _stacks(bank, "m0")[site]
+    A, B = stack.experts[0].krona_A, stack.experts[0].krona_B
+    dw = stack.delta_weight(0)
+    assert dw.shape == (32, 32)
+    torch.testing.assert_close(dw[1 * 8 + 2, 3 * 4 + 1], 3.0 * A[1, 3] * B[2, 1])
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(stack.dense_tokens(x, torch.ones(5, 1)), x @ dw.t(), atol=1e-5, rtol=1e-5)
+
+
+# ---- reference: plain hooks on a bare copy of the backbone -----------------------------------
+def _is_ffn_output(site: str) -> bool:
+    return site.endswith("down_proj") or (site.endswith("output.dense") and ".attention." not in site)
+
+
+def reference(family, bank, names, routing_w, mtype, cfg, ids, mask):
+    """The bank's output recomputed on a bare backbone with forward hooks. routing_w: [B,E] or [B,T,E]."""
+    model = make_backbone(family, layers=bank.model.config.num_hidden_layers).model
+    conf = MODULE_TYPES.get(mtype).config_cls.from_dict(dict(cfg))
+    handles = []
+    for site in bank._group_of(names[0])[0].sites:
+        experts = [bank.module_parameters(n) for n in names]
+        ls = [e.get(f"{site}.ia3_l") for e in experts]
+        ff = _is_ffn_output(site) and conf.feedforward_modules is None
+        if mtype == "krona":
+            dws = [conf.alpha * torch.kron(e[f"{site}.krona_A"], e[f"{site}.krona_B"]) for e in experts]
+
+        def hook(mod, inp, y, ls=ls, ff=ff, dws=dws if mtype == "krona" else None):
+            x = inp[0]
+            w = routing_w if routing_w.dim() == 3 else routing_w[:, None].expand(*x.shape[:2], -1)
+            if mtype == "krona":
+                return y + sum(w[..., e, None] * (x @ dws[e].t()) for e in range(len(dws)))
+            scale = 1 + sum(w[..., e, None] * (ls[e] - 1) for e in range(len(ls)))
+            return F.linear(x * scale, mod.weight, mod.bias) if ff else y * scale
+
+        handles.append(model.get_submodule(site).register_forward_hook(hook))
+    body = model.get_decoder() if family == "causal" else model
+    try:
+        return body(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@needs
+@each_type
+@pytest.mark.parametrize("kind", ["example", "params", "token-dense", "token-grouped"])
+def test_matches_hook_reference(family, mtype, cfg, kind, monkeypatch):
+    bank = bank_with(family, mtype, cfg, n=3, layers=3)
+    bank.freeze()
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(5)
+    if kind in ("example", "params"):
+        w = torch.rand(3, 3, generator=g)
+        w[1] = torch.tensor([0.0, 1.0, 0.0])
+        if kind == "params" and mtype == "krona":  # parameter mixing is not a mixture of outputs for KronA
+            w = torch.eye(3)[[2, 0, 1]] * torch.rand(3, 1, generator=g)
+        routing = Routing(w, mix="params" if kind == "params" else "output")
+    else:
+        routing = Routing.topk(torch.randn(3, 7, 3, generator=g), 1 if kind == "token-grouped" else 2)
+        w = torch.zeros(3, 7, 3).scatter_(-1, routing.indices, routing.weights)
+        if kind == "token-grouped":
+            monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
+    with torch.no_grad():
+        got = out(bank, ids, mask, routing)
+        ref = reference(family, bank, ["m0", "m1", "m2"], w, mtype, cfg, ids, mask)
+        bare = out(bank, ids, mask)
+    assert (got - bare).abs().max() > 1e-2
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_krona_params_mix_mixes_each_factor():
+    """mix='params' over K > 1 experts: one update (sum w A) kron (sum w B), as Poly mixes LoRA's factors."""
+    bank = bank_with("encoder", "krona", {"a_out": 4, "a_in": 8}, n=2)
+    site = "encoder.layer.0.attention.self.value"
+    stack = _stacks(bank, "m0")[site]
+    w = torch.tensor([[0.3, 0.7]])
+    x = torch.randn(1, 4, 32)
+    A = sum(w[0, e] * stack.experts[e].krona_A for e in range(2))
+    B = sum(w[0, e] * stack.experts[e].krona_B for e in range(2))
+    with torch.no_grad():
+        got = stack.per_example(x, torch.tensor([[0, 1]]), w, "params")
+    torch.testing.assert_close(got, x @ torch.kron(A, B).t().detach(), atol=1e-5, rtol=1e-5)
+
+
+# ---- the shared tiny backbones (mtpeft.backbone), when present ----------------------------------
+@pytest.fixture(params=["tiny-bert", "tiny-llama"])
+def shared_tiny(request):
+    return pytest.importorskip("mtpeft.backbone").load_backbone(request.param, seed=0)
+
+
+@each_type
+def test_shared_tiny_backbones(mtype, cfg, shared_tiny):
+    bank = ModuleBank(shared_tiny)
+    ids = torch.randint(5, 50, (3, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        bare = out(bank, ids, mask)
+    for i in range(3):
+        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
+    with torch.no_grad():
+        torch.testing.assert_close(out(bank, ids, mask, Routing.one_hot([0, 1, 2])), bare, atol=0, rtol=0)
+    for i in range(3):
+        randomize(bank, f"m{i}", seed=i)
+    bank.freeze()
+    with torch.no_grad():
+        mixed = out(bank, ids, mask, Routing.one_hot([0, 1, 2]))
+        per = torch.cat([out(bank, ids[i:i + 1], mask[i:i + 1], Routing.one_hot([i])) for i in range(3)])
+        torch.testing.assert_close(mixed, per, atol=1e-5, rtol=1e-5)
+        before = out(bank, ids, mask, Routing.one_hot([1, 1, 1]))
+        bank.merge("m1")
+        torch.testing.assert_close(out(bank, ids, mask), before, atol=1e-4, rtol=1e-4)
+        bank.unmerge("m1")
+        torch.testing.assert_close(out(bank, ids, mask), bare, atol=1e-4, rtol=1e-4)
