@@ -549,7 +549,8 @@ class ModuleBank(nn.Module):
             raise MtpeftError(f"bank {path} was built on another backbone: "
                               f"{backbone.describe_mismatch(fp, backbone.fingerprint())}; load it with the "
                               f"backbone it was trained on ({fp.get('name')!r})")
-        bank = cls(backbone)
+        # Check and read every weights file before touching the backbone, so a bad bank loses nothing.
+        loaded = []
         for e in manifest["modules"]:
             f = path / e["file"]
             if not f.is_file():
@@ -558,7 +559,9 @@ class ModuleBank(nn.Module):
             if e.get("sha256") and _sha256(f) != e["sha256"]:
                 raise MtpeftError(f"bank {path}: weights of module {e['name']!r} are corrupted "
                                   f"(checksum mismatch in {f}); restore the file or retrain the module")
-            tensors = read_tensors(f, what=f"weights of module {e['name']!r}")
+            loaded.append((e, read_tensors(f, what=f"weights of module {e['name']!r}")))
+        bank = cls(backbone)
+        for e, tensors in loaded:
             bank.add(e["name"], e["type"], e["config"], task=e.get("task"), metadata=e.get("metadata"),
                      trainable=trainable)
             bank.records[-1].metrics = dict(e.get("metrics") or {})
