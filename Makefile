@@ -30,7 +30,7 @@ test-unit: setup
 	$(PY) -m pytest -q -m "not e2e" tests
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_routing.py
 
 lint: setup
 	$(VENV)/bin/ruff check mtpeft tests benchmarks examples
