@@ -101,10 +101,10 @@ class BankedLinear(nn.Module):
         y = self.base(x)
         bank = self._bank
         state = bank.state
+        if state.routing is None:  # bare pass: nothing reads the stash, so keep no activations
+            return y
         if self.site in bank._stash_sites:
             state.stash[self.site] = x
-        if state.routing is None:
-            return y
         for key, stack in self.stacks.items():
             local = bank._local_routing(key, self.site, x)
             if local is not None:
