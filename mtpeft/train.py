@@ -1,8 +1,11 @@
 """High-level phases: fit one expert, fit a shared multitask module, evaluate with task-id routing."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +43,24 @@ def _trainer(cfg: TrainConfig, callbacks):
                      accelerator="auto", devices=1, num_sanity_val_steps=0, deterministic=False, **kw)
 
 
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Silence Lightning's banner lines and known-harmless warnings for the length of one fit."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for msg in (r".*module\(s\) in eval mode.*", r".*LeafSpec.*", r".*does not have many workers.*",
+                    r".*litlogger.*", r".*smaller than the logging interval.*"):
+            warnings.filterwarnings("ignore", message=msg)
+        try:
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
 def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig) -> dict:
     from .lightning import ExpertModule, KeepBest, TaskDataModule
 
@@ -50,9 +71,10 @@ def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig) -> dict:
                           warmup_steps=cfg.warmup_steps)
     dm = TaskDataModule(tasks, batch_size=cfg.batch_size, seed=cfg.seed)
     keep = KeepBest()
-    trainer = _trainer(cfg, [keep])
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    with _quiet_lightning():
+        trainer = _trainer(cfg, [keep])
+        trainer.fit(module, datamodule=dm)
     return {"best_val_acc": keep.best, "best_epoch": keep.best_epoch, "steps": trainer.global_step,
             "train_seconds": round(time.perf_counter() - t0, 2)}
 

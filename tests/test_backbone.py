@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -167,11 +166,12 @@ def test_describe_mismatch():
     assert "weights differ" in msg and "configurations" not in msg
 
 
-def test_fingerprint_is_fast():
+def test_fingerprint_tracks_weight_edits():
     bb = load_backbone("tiny-llama")
-    t = time.perf_counter()
-    bb.fingerprint(current=True)
-    assert time.perf_counter() - t < 0.5
+    before = bb.fingerprint(current=True)
+    with torch.no_grad():
+        next(bb.model.parameters()).add_(1.0)
+    assert bb.fingerprint(current=True) != before and bb.fingerprint() == before
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -317,9 +317,7 @@ def _embed(bb, texts):
 
 @pytest.mark.e2e
 def test_minilm_sentence_embeddings():
-    t = time.perf_counter()
     bb = load_backbone("minilm")
-    assert time.perf_counter() - t < 30
     assert bb.family == "encoder" and type(bb.model).__name__ == "BertModel"
     assert bb.hidden_size == 384 and bb.num_layers == 6 and bb.config._attn_implementation == "sdpa"
     assert all(not p.requires_grad for p in bb.model.parameters())
@@ -328,20 +326,20 @@ def test_minilm_sentence_embeddings():
     assert e.shape == (3, 384)
     para, unrelated = float(e[0] @ e[1]), float(e[0] @ e[2])
     assert para > 0.5 and unrelated < para - 0.3
-    t = time.perf_counter()
     fp = bb.fingerprint(current=True)
-    assert time.perf_counter() - t < 2  # ~0.03 s measured; generous for a busy machine
     assert load_backbone("minilm").fingerprint() == fp == bb.fingerprint()
 
 
 @pytest.mark.e2e
-def test_smollm2_loads_and_caches():
+def test_smollm2_loads_and_caches(monkeypatch):
     """Uses the default cache (MTPEFT_CACHE or the user cache): the first run ever dequantises (~20 s)."""
     a = load_backbone("smollm2")
-    t = time.perf_counter()
+
+    def no_dequantise(*_a, **_k):
+        raise AssertionError("the second load dequantised the GGUF again instead of using the cache")
+
+    monkeypatch.setattr(bbm, "_dequantise_gguf", no_dequantise)
     b = load_backbone("smollm2")
-    cached = time.perf_counter() - t
-    assert cached < 15, f"loading the cached SmolLM2 took {cached:.1f} s"
     assert a.fingerprint() == b.fingerprint()
     assert b.family == "causal" and type(b.model).__name__ == "LlamaForCausalLM"
     assert b.hidden_size == 576 and b.num_layers == 30

@@ -1,0 +1,43 @@
+"""End-to-end on the real shipped backbone and data (marker e2e; `make test` runs them, capped to minutes)."""
+import json
+
+import pytest
+
+from mtpeft import TrainConfig, evaluate, fit_expert, load_builtin
+from mtpeft.api import new_bank, open_bank
+from mtpeft.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def test_minilm_zero_shot_beats_majority_on_bbc_topic(capsys):
+    """The bare encoder, scored by cosine to the label texts, through the CLI on the whole test split."""
+    assert main(["zero-shot", "--backbone", "minilm", "--task", "bbc_topic", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["results"]
+    assert row["task"] == "bbc_topic" and row["split"] == "test" and row["n"] == 212
+    assert 0.2 < row["majority"] < 0.35
+    assert row["accuracy"] > row["majority"] + 0.3, row  # DATA.md: about 0.80 with "news about {label}"
+
+
+@pytest.fixture(scope="module")
+def minilm_bank():
+    return new_bank("minilm")
+
+
+@pytest.mark.parametrize("task_name", ["tweet_airline", "wordnet_verb"])
+def test_minilm_lora_expert_beats_zero_shot(minilm_bank, task_name, tmp_path):
+    """A capped version of the README table: one LoRA expert per task, task-id routing, on held-out test data."""
+    bank, scorer = minilm_bank
+    task = load_builtin(task_name, max_examples=400)
+    zero = evaluate(bank, scorer, task, None)
+    cfg = TrainConfig(lr=2e-3, batch_size=16, max_epochs=20, max_steps=80, patience=3, progress=False)
+    fit = fit_expert(bank, scorer, task, f"{task_name}-lora", "lora", None, cfg)
+    assert fit["steps"] > 0
+    expert = evaluate(bank, scorer, task, f"{task_name}-lora")
+    assert expert["accuracy"] > zero["accuracy"] + 0.05, (zero, expert)
+    assert expert["accuracy"] > expert["majority"]
+    # the bank round-trips with the real backbone: the reloaded expert scores the same
+    bank.save(tmp_path / "bank", only=[f"{task_name}-lora"])
+    again, again_scorer = open_bank(tmp_path / "bank")
+    assert evaluate(again, again_scorer, task, f"{task_name}-lora")["accuracy"] == expert["accuracy"]
