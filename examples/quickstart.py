@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from mtpeft import TrainConfig, evaluate, fit_expert, load_builtin
+from mtpeft import TrainConfig, expert_vs_zero_shot, load_builtin
 from mtpeft.api import new_bank
 from mtpeft.cli import table
 
@@ -26,22 +26,18 @@ def main(argv=None):
     t0 = time.perf_counter()
     bank, scorer = new_bank("minilm")
     rows = []
+    cfg = TrainConfig(lr=2e-3, batch_size=16, max_epochs=20, max_steps=args.max_steps, patience=3,
+                      progress=not args.json)
     for name in args.tasks:
         task = load_builtin(name, max_examples=args.max_examples)
-        zs = evaluate(bank, scorer, task, None)
-        cfg = TrainConfig(lr=2e-3, batch_size=16, max_epochs=20, max_steps=args.max_steps, patience=3,
-                          progress=not args.json)
-        fit = fit_expert(bank, scorer, task, f"{name}-lora", "lora", None, cfg)
-        ex = evaluate(bank, scorer, task, f"{name}-lora")
-        rows.append({"task": name, "test_n": ex["n"], "majority": ex["majority"], "zero_shot": zs["accuracy"],
-                     "lora_expert": ex["accuracy"], "steps": fit["steps"], "train_s": fit["train_seconds"]})
+        rows.append(expert_vs_zero_shot(bank, scorer, task, "lora", None, cfg))
     bank.save(args.out)
     result = {"backbone": "minilm", "bank": args.out, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print("\nMiniLM, task-id routing to one LoRA expert per task (test accuracy)")
-        print(table(rows, ["task", "test_n", "majority", "zero_shot", "lora_expert", "steps", "train_s"]))
+        print(table(rows, ["task", "n", "labels", "majority", "zero_shot", "expert", "steps", "train_s"]))
         print(f"\nbank written to {args.out}; total {result['seconds']} s")
 
 

@@ -11,7 +11,7 @@ from .routing import Routing
 from .scorer import CausalScorer, EncoderScorer, make_scorer
 from .suite import builtin_names, load_builtin, load_task
 from .tasks import Task, TaskStream, load_task_file
-from .train import TrainConfig, evaluate, fit_expert, fit_multitask
+from .train import TrainConfig, evaluate, expert_vs_zero_shot, fit_expert, fit_multitask
 
 __version__ = "0.1.0"
 
@@ -19,5 +19,5 @@ __all__ = [
     "Backbone", "load_backbone", "ModuleBank", "BankOutput", "read_manifest", "MtpeftError",
     "MODULE_TYPES", "ModuleConfig", "ModuleType", "register", "Routing",
     "EncoderScorer", "CausalScorer", "make_scorer", "builtin_names", "load_builtin", "load_task",
-    "Task", "TaskStream", "load_task_file", "TrainConfig", "evaluate", "fit_expert", "fit_multitask",
+    "Task", "TaskStream", "load_task_file", "TrainConfig", "evaluate", "expert_vs_zero_shot", "fit_expert", "fit_multitask",
 ]

@@ -123,8 +123,8 @@ class Task:
         return self.splits[split]
 
     # ---- transforms ----------------------------------------------------------------------------
-    def cap(self, max_examples: int | None, seed: int = 0) -> Task:
-        """A copy whose every split holds at most ``max_examples`` examples.
+    def cap(self, max_examples: int | None, seed: int = 0, splits: Sequence[str] | None = None) -> Task:
+        """A copy whose every split (or each of ``splits``) holds at most ``max_examples`` examples.
 
         Longer splits are shuffled with ``seed`` and then cut, so classes stay mixed; the result is
         deterministic for a given seed. ``None`` returns an unchanged copy.
@@ -133,9 +133,12 @@ class Task:
             return dataclasses.replace(self, splits=DatasetDict(dict(self.splits)), meta=dict(self.meta))
         if isinstance(max_examples, bool) or not isinstance(max_examples, (int, np.integer)) or max_examples < 1:
             raise MtpeftError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+        unknown = sorted(set(splits or ()) - set(self.splits))
+        if unknown:
+            raise MtpeftError(f"task {self.name} has no split(s) {unknown}; it has {sorted(self.splits)}")
         out = {}
         for k, ds in self.splits.items():
-            if len(ds) > max_examples:
+            if len(ds) > max_examples and (splits is None or k in splits):
                 idx = np.random.default_rng(seed).permutation(len(ds))[: int(max_examples)]
                 ds = ds.select(idx)
             out[k] = ds

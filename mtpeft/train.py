@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -34,10 +35,15 @@ def _trainer(cfg: TrainConfig, callbacks):
     from lightning.pytorch.callbacks import EarlyStopping
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    cb = [EarlyStopping(monitor="val/acc", mode="max", patience=cfg.patience), *callbacks]
+    # checked after each validation, not at the end of each training epoch: a run capped by max_steps
+    # before its first validation has no val/acc yet, and that must not stop (or crash) the fit
+    cb = [EarlyStopping(monitor="val/acc", mode="max", patience=cfg.patience, check_on_train_epoch_end=False),
+          *callbacks]
     kw = {}
     if cfg.val_check_interval is not None:
         kw["val_check_interval"] = cfg.val_check_interval
+        if isinstance(cfg.val_check_interval, int):  # every N steps, across epoch boundaries
+            kw["check_val_every_n_epoch"] = None
     return L.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=cb, logger=False,
                      enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
                      accelerator="auto", devices=1, num_sanity_val_steps=0, deterministic=False, **kw)
@@ -70,6 +76,11 @@ def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig) -> dict:
     module = ExpertModule(bank, scorer, tasks, module_of_task, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           warmup_steps=cfg.warmup_steps)
     dm = TaskDataModule(tasks, batch_size=cfg.batch_size, seed=cfg.seed)
+    steps_per_epoch = -(-sum(len(t.splits["train"]) for t in tasks) // cfg.batch_size)
+    if cfg.val_check_interval is None and cfg.max_steps > 0:
+        # validate about once an epoch, at steps that land on the cap, so the last steps are not thrown away
+        n_val = -(-cfg.max_steps // steps_per_epoch)
+        cfg = dataclasses.replace(cfg, val_check_interval=max(1, cfg.max_steps // n_val))
     keep = KeepBest()
     t0 = time.perf_counter()
     with _quiet_lightning():
@@ -159,3 +170,18 @@ def default_threads() -> None:
     n = os.cpu_count() or 1
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)
+
+
+def expert_vs_zero_shot(bank, scorer, task, module_type: str = "lora", config=None,
+                        cfg: TrainConfig | None = None, split: str = "test") -> dict:
+    """Zero-shot accuracy of the bare backbone, then a new expert trained on ``task`` and routed by task id.
+
+    One row of the quickstart and README table: task, n, majority, zero_shot, expert, steps, train_s.
+    """
+    zero = evaluate(bank, scorer, task, None, split=split)
+    fit = fit_expert(bank, scorer, task, f"{task.name}-{module_type}", module_type, config, cfg)
+    ex = evaluate(bank, scorer, task, f"{task.name}-{module_type}", split=split)
+    bank.record(f"{task.name}-{module_type}").metrics.update({"test_acc": ex["accuracy"], "test_n": ex["n"]})
+    return {"task": task.name, "n": ex["n"], "labels": task.num_labels, "majority": round(ex["majority"], 4),
+            "zero_shot": round(zero["accuracy"], 4), "expert": round(ex["accuracy"], 4),
+            "best_val": fit["best_val_acc"], "steps": fit["steps"], "train_s": fit["train_seconds"]}

@@ -87,6 +87,15 @@ def test_cap_is_seeded_mixed_and_bounded():
             t.cap(bad)
 
 
+def test_cap_selected_splits_only():
+    big = make_dataset([f"t{i}" for i in range(40)], [0, 1] * 20)
+    t = Task("c", DatasetDict(train=big, validation=big, test=big), ["a", "b"])
+    c = t.cap(5, splits=["train"])
+    assert {k: len(v) for k, v in c.splits.items()} == {"train": 5, "validation": 40, "test": 40}
+    with pytest.raises(MtpeftError, match="no split.*dev"):
+        t.cap(5, splits=["dev"])
+
+
 def test_validate_accepts_good_task():
     assert _task().validate().name == "t"
 
