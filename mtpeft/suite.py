@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import csv
 import html
-import importlib.util
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
-from .io import MtpeftError, cache_dir, read_json, write_json
+from .io import MtpeftError, cache_dir, package_dir, read_json, write_json
 from .tasks import SPLITS, Task, load_task_file, make_dataset
 
 CACHE_VERSION = 1
@@ -112,19 +111,8 @@ def _spec(name: str) -> BuiltinSpec:
 
 
 # ---- locating the sources ----------------------------------------------------------------------
-def _package_dir(package: str) -> Path | None:
-    """Where an installed package lives, found without importing it (importing may fail)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _need_package(task: str, package: str, version: str, rel: str) -> Path:
-    root = _package_dir(package)
+    root = package_dir(package)
     pip = _PIP.format(pkg=f"{package}=={version}")
     if root is None:
         raise MtpeftError(f"the built-in task {task} needs the package {package}: run {pip}")

