@@ -1,7 +1,8 @@
 """A small registry keyed by name, filled by a decorator: adding a method touches only its own file."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from .io import MtpeftError
 

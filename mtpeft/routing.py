@@ -7,8 +7,8 @@ the modules' outputs (a mixture of experts) and mixing their parameters (Poly/MH
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -52,29 +52,29 @@ class Routing:
         return self.weights.shape[0]
 
     @classmethod
-    def one_hot(cls, ids: Tensor | list[int], dtype=torch.float32) -> "Routing":
+    def one_hot(cls, ids: Tensor | list[int], dtype=torch.float32) -> Routing:
         """Each example served by exactly one module (task-id routing)."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1, 1)
         return cls(weights=torch.ones(ids.shape, dtype=dtype), indices=ids)
 
     @classmethod
-    def topk(cls, logits: Tensor, k: int, softmax: bool = True) -> "Routing":
+    def topk(cls, logits: Tensor, k: int, softmax: bool = True) -> Routing:
         """Keep the k largest logits over the last dimension; softmax over the kept ones."""
         k = min(k, logits.shape[-1])
         vals, idx = logits.topk(k, dim=-1)
         w = vals.softmax(-1) if softmax else vals
         return cls(weights=w, indices=idx)
 
-    def repeat_interleave(self, n: int) -> "Routing":
+    def repeat_interleave(self, n: int) -> Routing:
         """Repeat every example's routing n times (one row per candidate label in rank scoring)."""
         idx = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
         return Routing(self.weights.repeat_interleave(n, dim=0), idx, self.mix)
 
-    def to(self, device) -> "Routing":
+    def to(self, device) -> Routing:
         idx = None if self.indices is None else self.indices.to(device)
         return Routing(self.weights.to(device), idx, self.mix)
 
-    def pad_tokens(self, n_before: int) -> "Routing":
+    def pad_tokens(self, n_before: int) -> Routing:
         """Per-token routing: give n_before prepended (virtual) positions the first real token's routing."""
         if not self.per_token or n_before == 0:
             return self
@@ -87,7 +87,7 @@ class Routing:
 
 # A router evaluated at each site: (site name, the layer's input hidden states) -> Routing.
 RoutingFn = Callable[[str, Tensor], Routing]
-RoutingLike = Union[Routing, RoutingFn]
+RoutingLike = Routing | RoutingFn
 
 
 @dataclass

@@ -9,7 +9,7 @@ Scorers take a list of tasks, one per example, so a mixed-task batch is scored i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,7 @@ class CausalScorer:
         body_ids, body_len = self._ids([t.format_input(s) for t, s in zip(tasks, texts)], self.max_length)
         suf_ids, suf_len = self._ids([t.prompt_suffix for t in tasks])
         uniq = list({id(t): t for t in tasks}.values())
-        which = torch.tensor([[i for i, u in enumerate(uniq) if u is t][0] for t in tasks])
+        which = torch.tensor([next(i for i, u in enumerate(uniq) if u is t) for t in tasks])
         label_texts = [" " + lt for t in uniq for lt in t.label_texts]
         lab_ids, lab_len = self._ids(label_texts)
         L = max(t.num_labels for t in uniq)

@@ -7,8 +7,8 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -158,7 +158,7 @@ def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "
     routing_for_batch = None
     if module is not None:
         mid = module if isinstance(module, int) else bank.index(module)
-        routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)  # noqa: E731
+        routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)
     preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress)
     acc = float(multiclass_accuracy(preds, labels, num_classes=task.num_labels, average="micro")) if len(labels) else 0.0
     return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),

@@ -2,4 +2,4 @@
 from .data import TaskDataModule, mixture_weights
 from .expert import ExpertModule, KeepBest
 
-__all__ = ["TaskDataModule", "mixture_weights", "ExpertModule", "KeepBest"]
+__all__ = ["ExpertModule", "KeepBest", "TaskDataModule", "mixture_weights"]

@@ -1,7 +1,7 @@
 """LightningDataModules: one task, or a multitask mixture (proportional or temperature sampling)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np

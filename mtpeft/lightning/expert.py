@@ -7,7 +7,7 @@ Task ids in a batch index ``tasks``; ``module_of_task`` maps them to module ids 
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
