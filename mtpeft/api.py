@@ -1,7 +1,10 @@
 """Glue for the CLI and scripts: open or create banks with their backbone and scorer."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 
 from .io import MtpeftError
@@ -36,6 +39,12 @@ def open_bank(path: str | Path, trainable: bool = False):
 
 def load_bank_or_new(backbone_name: str, path: str | Path | None = None):
     """The bank at ``path`` if it exists (its backbone must be ``backbone_name``), else a new one."""
+    if path is not None and Path(path).exists() and not (Path(path) / "manifest.json").exists():
+        if not Path(path).is_dir():
+            raise MtpeftError(f"{path} exists and is not a directory; choose a new --out for the bank")
+        if any(Path(path).iterdir()):
+            raise MtpeftError(f"{path} is not empty and is not a bank (no manifest.json); choose a new or empty "
+                              "directory for the bank")
     if path is not None and (Path(path) / "manifest.json").exists():
         from .bank import read_manifest
 
@@ -62,7 +71,40 @@ def parse_options(module_type: str, options: list[str]):
             kw[k] = json.loads(v)
         except json.JSONDecodeError:
             kw[k] = v
+        hint = _option_types(cls).get(k)
+        if hint is not None:  # unknown keys are reported by from_dict, with the known ones
+            kw[k] = _coerce_option(module_type, k, v, kw[k], hint)
     try:
         return cls.from_dict(kw)
     except (TypeError, ValueError) as e:
         raise MtpeftError(f"bad option for {module_type}: {e}") from e
+
+
+_TYPE_NAMES = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _option_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def _coerce_option(module_type: str, key: str, raw: str, value, hint):
+    """``value`` (``raw`` parsed as JSON) as the field's type wants it, or an MtpeftError naming the type."""
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    is_list = lambda t: typing.get_origin(t) is list
+    if not all(t in _TYPE_NAMES or is_list(t) for t in arms):
+        return value  # a type this check does not know: the config's own validation decides
+    for t in arms:
+        if (t is type(None) and value is None) or (t is bool and isinstance(value, bool)) \
+                or (t is int and isinstance(value, int) and not isinstance(value, bool)) \
+                or (t is str and isinstance(value, str)) \
+                or (is_list(t) and isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    if str in arms:  # e.g. init_text=123: the text as written
+        return raw
+    want = " or ".join("a JSON list of names" if is_list(t) else _TYPE_NAMES[t] for t in arms)
+    example = next((e for t, e in ((int, "8"), (float, "0.5"), (bool, "true")) if t in arms), """'["query","value"]'""")
+    raise MtpeftError(f"option {key}={raw!r} of {module_type}: {key} takes {want}, not {raw!r}; "
+                      f"e.g. --option {key}={example}")

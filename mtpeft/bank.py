@@ -589,7 +589,11 @@ class ModuleBank(nn.Module):
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
-        raise MtpeftError(f"bank directory not found: {path}")
+        raise MtpeftError(f"bank directory not found: {path}; give the directory a bank was saved to "
+                          "(e.g. by `mtpeft train --out DIR`)")
+    if not (path / MANIFEST).is_file():
+        raise MtpeftError(f"{path} is not an mtpeft bank: its {MANIFEST} was not found; give the directory a bank "
+                          "was saved to (e.g. by `mtpeft train --out DIR`)")
     m = read_json(path / MANIFEST, what="bank manifest")
     if not isinstance(m, dict) or m.get("format") != "mtpeft-bank":
         raise MtpeftError(f"{path / MANIFEST} is not an mtpeft bank manifest")

@@ -20,7 +20,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
@@ -54,7 +54,38 @@ def _load_tasks(args) -> list:
     specs = list(args.task or []) + list(args.task_file or [])
     if not specs:
         raise MtpeftError("name at least one task with --task NAME or --task-file NAME=PATH (see `mtpeft tasks`)")
-    return [load_task(s, max_examples=args.max_examples, seed=args.seed) for s in specs]
+    tasks = [load_task(s, max_examples=args.max_examples, seed=args.seed) for s in specs]
+    seen = set()
+    for t in tasks:
+        if t.name in seen:
+            raise MtpeftError(f"the task name {t.name!r} is given twice; give each task its own name "
+                              "(--task-file NAME=PATH)")
+        seen.add(t.name)
+    return tasks
+
+
+def _check_train_args(args) -> None:
+    checks = [("--lr", args.lr, args.lr > 0, "a positive learning rate, e.g. --lr 1e-3"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "a positive integer, e.g. --batch-size 16"),
+              ("--max-epochs", args.max_epochs, args.max_epochs >= 1 or (args.max_epochs == -1 and args.max_steps >= 1),
+               "a positive integer (or -1 with --max-steps), e.g. --max-epochs 3"),
+              ("--max-steps", args.max_steps, args.max_steps == -1 or args.max_steps >= 1,
+               "a positive integer, or -1 for no cap"),
+              ("--patience", args.patience, args.patience >= 0, "an integer >= 0, e.g. --patience 2")]
+    for flag, value, ok, want in checks:
+        if not ok:
+            raise MtpeftError(f"{flag} {value} is out of range; give {want}")
+
+
+def _module_for_task(bank, task: str) -> str:
+    """Task-id routing: the module trained on ``task``, else the last multitask module trained on it."""
+    try:
+        return bank.names[bank.task_index(task)]
+    except MtpeftError as e:
+        for r in reversed(bank.records):
+            if task in ((r.metadata or {}).get("tasks") or []):
+                return r.name
+        raise MtpeftError(f"{e}; name the module to evaluate with --module (modules: {', '.join(bank.names)})") from e
 
 
 # ---- subcommands -----------------------------------------------------------------------------------
@@ -72,9 +103,10 @@ def cmd_zero_shot(args):
     from .api import load_bank_or_new
     from .train import evaluate
 
+    tasks = _load_tasks(args)  # before the backbone: a bad task file fails fast
     bank, scorer = load_bank_or_new(args.backbone)
     rows = []
-    for t in _load_tasks(args):
+    for t in tasks:
         r = evaluate(bank, scorer, t, None, split=args.split, progress=not args.json)
         rows.append(r)
     emit(args, {"backbone": args.backbone, "results": rows}, rows, ["task", "split", "n", "accuracy", "majority"],
@@ -85,20 +117,28 @@ def cmd_train(args):
     from .api import load_bank_or_new, parse_options
     from .train import TrainConfig, evaluate, fit_expert, fit_multitask
 
-    bank, scorer = load_bank_or_new(args.backbone, args.out)
+    _check_train_args(args)
     tasks = _load_tasks(args)
     config = parse_options(args.module, args.option)
+    bank, scorer = load_bank_or_new(args.backbone, args.out)
+    if args.multitask:
+        names = [args.name or "multitask-" + args.module]
+    else:
+        names = [args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}" for t in tasks]
+    for name in names:  # before any training, so a clash costs nothing
+        if name in bank.names:
+            raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
+                              "name, or choose another --out")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs, max_steps=args.max_steps,
                       patience=args.patience, seed=args.seed, progress=not args.json)
     rows = []
     if args.multitask:
-        name = args.name or "multitask-" + args.module
+        (name,) = names
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
         for t in tasks:
-            rows.append(dict(module=name, **evaluate(bank, scorer, t, name), **{"steps": m["steps"]}))
+            rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
     else:
-        for t in tasks:
-            name = args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}"
+        for t, name in zip(tasks, names):
             m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
             res = evaluate(bank, scorer, t, name)
             bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
@@ -113,10 +153,11 @@ def cmd_eval(args):
     from .api import open_bank
     from .train import evaluate
 
+    tasks = _load_tasks(args)
     bank, scorer = open_bank(args.bank)
     rows = []
-    for t in _load_tasks(args):
-        module = args.module or bank.names[bank.task_index(t.name)]
+    for t in tasks:
+        module = args.module or _module_for_task(bank, t.name)
         rows.append(dict(module=module, **evaluate(bank, scorer, t, module, split=args.split, progress=not args.json)))
     emit(args, {"bank": str(args.bank), "results": rows}, rows, ["task", "module", "split", "n", "accuracy", "majority"])
 

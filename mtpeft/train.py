@@ -67,7 +67,7 @@ def _quiet_lightning():
                 lg.setLevel(lv)
 
 
-def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig) -> dict:
+def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig, sampling: str = "proportional") -> dict:
     from .lightning import ExpertModule, KeepBest, TaskDataModule
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -75,7 +75,7 @@ def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig) -> dict:
         raise MtpeftError("nothing to train: every module of the bank is frozen")
     module = ExpertModule(bank, scorer, tasks, module_of_task, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           warmup_steps=cfg.warmup_steps)
-    dm = TaskDataModule(tasks, batch_size=cfg.batch_size, seed=cfg.seed)
+    dm = TaskDataModule(tasks, batch_size=cfg.batch_size, sampling=sampling, seed=cfg.seed)
     steps_per_epoch = -(-sum(len(t.splits["train"]) for t in tasks) // cfg.batch_size)
     if cfg.val_check_interval is None and cfg.max_steps > 0:
         # validate about once an epoch, at steps that land on the cap, so the last steps are not thrown away
@@ -118,7 +118,7 @@ def fit_multitask(bank, scorer, tasks: Sequence, name: str = "multitask", module
     idx = bank.add(name, module_type, config, task=None, seed=cfg.seed,
                    metadata={"tasks": [t.name for t in tasks], "sampling": sampling})
     try:
-        metrics = _fit(bank, scorer, list(tasks), [idx] * len(tasks), cfg)
+        metrics = _fit(bank, scorer, list(tasks), [idx] * len(tasks), cfg, sampling=sampling)
     except BaseException:
         bank.remove(name)
         raise

@@ -76,9 +76,9 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def _eval(self, split):
-        loaders = [DataLoader(_Examples([t], split), batch_size=self.eval_batch_size, collate_fn=collate)
-                   for t in self.tasks]
-        return loaders[0] if len(loaders) == 1 else loaders
+        # One loader over every task: each example keeps its own task id (which routes and scores it), and
+        # val/acc is logged from a single dataloader (Lightning refuses one metric logged from several).
+        return DataLoader(_Examples(self.tasks, split), batch_size=self.eval_batch_size, collate_fn=collate)
 
     def val_dataloader(self):
         return self._eval("validation")
