@@ -8,7 +8,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(params=["tiny-bert", "tiny-llama"])
+TINY_BACKBONES = ["tiny-bert", "tiny-llama"]  # one backbone per family: encoder, causal LM
+
+
+@pytest.fixture(params=TINY_BACKBONES)
 def tiny_backbone(request):
     from mtpeft.backbone import load_backbone
 
@@ -37,3 +40,22 @@ def synthetic_task(name="toy", n=48, seed=0, labels=("red", "blue")):
         return make_dataset(texts, ys)
 
     return Task(name, DatasetDict(train=split(n), validation=split(16), test=split(16)), list(labels))
+
+
+def perturb(bank, name, std=0.3, seed=0):
+    """Move module ``name`` of ``bank`` off its init: add N(0, std^2) noise to each of its parameters.
+
+    Checks that compare outputs (mixed batches, save/load, merging, growing) would pass trivially on
+    modules still at an identity init (LoRA's B = 0, adapters' zero up-projection, (IA)3's ones).
+    Noise is added to the init rather than replacing it, so every type keeps its scale ((IA)3
+    vectors stay around one, a scale near zero would be degenerate). Cached stacks are dropped.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bank.module_parameters(name).values():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
+    group, _ = bank._group_of(name)
+    for _, stack in bank.stacks_of(group):
+        stack.invalidate()

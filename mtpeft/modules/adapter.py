@@ -158,6 +158,7 @@ class AdapterStack(LowRankStack):
 class _Adapter(ModuleType):
     parallel: ClassVar[bool] = False
     mergeable = False
+    identity_at_init = True
 
     @classmethod
     def targets(cls, family: str, config: AdapterConfig) -> list[str]:

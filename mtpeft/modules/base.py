@@ -37,6 +37,11 @@ class ModuleConfig:
     def validate(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, (list, tuple)):
             raise MtpeftError("target_modules must be a list of layer names, e.g. ['query', 'value']")
+        for f in fields(self):  # sizes (r, n_tokens, ...): 2.5 or True would fail later, deep inside torch
+            if f.type in (int, "int", "int | None"):
+                v = getattr(self, f.name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                    raise MtpeftError(f"{f.name} must be an integer, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,7 +209,10 @@ class ModuleType:
     name: ClassVar[str]
     config_cls: ClassVar[type[ModuleConfig]] = ModuleConfig
     level: ClassVar[str] = "linear"  # "linear": acts on nn.Linear sites; "input": on the input embeddings
-    mergeable: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False  # can be folded into the base weights (bank.merge)
+    # A freshly added module leaves the backbone's outputs unchanged (e.g. LoRA's B = 0, (IA)3's ones);
+    # False where the method changes outputs by design from the start (prompts, prefixes).
+    identity_at_init: ClassVar[bool] = False
     default_targets: ClassVar[dict[str, list[str]]] = {}
 
     @classmethod

@@ -121,6 +121,7 @@ def _site_name(model: nn.Module, layer: nn.Linear) -> str:
 class IA3(ModuleType):
     config_cls = IA3Config
     mergeable = True
+    identity_at_init = True
     default_targets: ClassVar[dict[str, list[str]]] = {
         "encoder": ["key", "value", *FFN_OUTPUT["encoder"]],
         "causal": ["k_proj", "v_proj", *FFN_OUTPUT["causal"]],

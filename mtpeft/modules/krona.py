@@ -56,7 +56,7 @@ class KronAConfig(ModuleConfig):
             check_positive(**{name: v})
         check_positive(alpha=self.alpha)
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise MtpeftError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class _Expert(nn.Module):
@@ -140,6 +140,7 @@ class KronAStack(LinearStack):
 class KronA(ModuleType):
     config_cls = KronAConfig
     mergeable = True
+    identity_at_init = True
     default_targets: ClassVar[dict[str, list[str]]] = {"encoder": ["query", "value"], "causal": ["q_proj", "v_proj"]}
 
     @classmethod

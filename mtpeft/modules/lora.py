@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..io import MtpeftError
 from .base import ModuleConfig, ModuleType, check_positive, register
 from .lowrank import LowRankStack
 
@@ -21,7 +22,7 @@ class LoRAConfig(ModuleConfig):
         super().validate()
         check_positive(r=self.r, alpha=self.alpha)
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise MtpeftError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class _Expert(nn.Module):
@@ -54,6 +55,7 @@ class LoRAStack(LowRankStack):
 class LoRA(ModuleType):
     config_cls = LoRAConfig
     mergeable = True
+    identity_at_init = True
     default_targets = {"encoder": ["query", "value"], "causal": ["q_proj", "v_proj"]}
 
     @classmethod
