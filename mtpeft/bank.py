@@ -188,7 +188,7 @@ class ModuleBank(nn.Module):
         if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise MtpeftError(f"module name {name!r} is not usable as a file name; use letters, digits, - and _")
         if name in self.names:
-            raise MtpeftError(f"the bank already has a module named {name!r}; pick another name or remove it")
+            raise MtpeftError(f"the bank already has a module named {name!r}; pick another name, or remove it first (bank.remove, or `mtpeft bank rm BANK NAME`)")
         mtype = MODULE_TYPES.get(module_type)
         if config is None:
             config = mtype.config_cls()
@@ -622,3 +622,18 @@ def _is_head(name: str, family: str) -> bool:
 
 
 __all__ = ["BankOutput", "BankedLinear", "LinearStack", "ModuleBank", "ModuleRecord", "read_manifest"]
+
+
+def remove_saved_module(path: str | Path, name: str) -> None:
+    """Drop module ``name`` from the bank saved at ``path`` without loading the backbone: the manifest is
+    rewritten atomically first, then the weights file goes."""
+    path = Path(path)
+    m = read_manifest(path)
+    entry = next((e for e in m["modules"] if e["name"] == name), None)
+    if entry is None:
+        raise MtpeftError(f"no module {name!r} in {path}; it has: {', '.join(e['name'] for e in m['modules']) or 'none'}")
+    m["modules"] = [e for e in m["modules"] if e["name"] != name]
+    write_json(path / MANIFEST, m)
+    f = path / entry["file"]
+    if f.is_file() and f.parent == path / "modules":
+        f.unlink()

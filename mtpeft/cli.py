@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,11 +42,13 @@ def _task_args(p, multiple=True):
                    help="a user task from a CSV, JSONL or parquet file with columns text and label (repeatable)")
 
 
-def _common(p, backbone=True):
+def _common(p, backbone=True, from_config=False):
+    """``from_config``: defaults are None so a --config file can fill what the command line leaves out."""
     if backbone:
-        p.add_argument("--backbone", default="minilm", help="minilm (default), smollm2, tiny-bert, tiny-llama or a local HF dir")
+        p.add_argument("--backbone", default=None if from_config else "minilm",
+                       help="minilm (default), smollm2, tiny-bert, tiny-llama or a local HF dir")
     p.add_argument("--max-examples", type=int, default=None, help="cap every split at N examples (quick runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None if from_config else 0, help="default 0")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -62,6 +66,46 @@ def _load_tasks(args) -> list:
                               "(--task-file NAME=PATH)")
         seen.add(t.name)
     return tasks
+
+
+# A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
+TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
+                  "max_examples": None, "seed": 0, "multitask": False, "sampling": "proportional", "lr": 1e-3,
+                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2}
+TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
+
+
+def _apply_train_config(args) -> None:
+    """Fill ``args`` from --config then the defaults, for every setting not given on the command line."""
+    from .io import read_json
+
+    conf = {}
+    if args.config is not None:
+        conf = read_json(args.config, what="run config")
+        if not isinstance(conf, dict):
+            raise MtpeftError(f"run config {args.config} must hold a JSON object with keys among "
+                              f"{', '.join(TRAIN_CONFIG_KEYS)}")
+        unknown = sorted(set(conf) - set(TRAIN_DEFAULTS))
+        if unknown:
+            raise MtpeftError(f"run config {args.config} has unknown key(s) {unknown}; known: "
+                              f"{', '.join(TRAIN_CONFIG_KEYS)}")
+        for key in ("options",):
+            if not isinstance(conf.get(key, {}), dict):
+                raise MtpeftError(f"run config {args.config}: {key!r} must be an object, e.g. {{\"r\": 8}}")
+        for key in ("tasks", "task_files"):
+            v = conf.get(key, [])
+            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise MtpeftError(f"run config {args.config}: {key!r} must be a list of strings")
+    for key, default in TRAIN_DEFAULTS.items():
+        if key not in ("options", "tasks", "task_files") and getattr(args, key) is None:  # not given as a flag
+            setattr(args, key, conf.get(key, default))
+    # options: the file's (when its module type is the one trained), then each --option KEY=VALUE over them
+    file_options = conf.get("options", {}) if args.module == conf.get("module", TRAIN_DEFAULTS["module"]) else {}
+    args.option = [f"{k}={json.dumps(v)}" for k, v in file_options.items()] + list(args.option)
+    # tasks: the flags', else the file's
+    if not args.task and not args.task_file:
+        args.task = list(conf.get("tasks", []))
+        args.task_file = list(conf.get("task_files", []))
 
 
 def _check_train_args(args) -> None:
@@ -117,8 +161,12 @@ def cmd_train(args):
     from .api import load_bank_or_new, parse_options
     from .train import TrainConfig, evaluate, fit_expert, fit_multitask
 
+    _apply_train_config(args)
     _check_train_args(args)
     tasks = _load_tasks(args)
+    if args.name and len(tasks) > 1 and not args.multitask:
+        raise MtpeftError(f"--name names one module, but {len(tasks)} tasks each get their own expert; drop --name "
+                          "(experts are named TASK-TYPE) or add --multitask for one shared module")
     config = parse_options(args.module, args.option)
     bank, scorer = load_bank_or_new(args.backbone, args.out)
     if args.multitask:
@@ -202,6 +250,14 @@ def cmd_bank_export(args):
     print(json.dumps({"exported": args.module, "dir": str(args.dir)}) if args.json else f"wrote peft adapter {args.dir}")
 
 
+def cmd_bank_rm(args):
+    from .bank import remove_saved_module
+
+    remove_saved_module(args.bank, args.module)
+    print(json.dumps({"removed": args.module, "bank": str(args.bank)}) if args.json
+          else f"removed {args.module} from {args.bank}")
+
+
 def cmd_bank_import(args):
     from .api import open_bank
     from .interop import import_peft
@@ -228,19 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a new module per task (or one shared multitask module) into a bank")
     _task_args(s)
-    _common(s)
-    s.add_argument("--module", default="lora", help="module type (lora, ia3, prompt, ptuning, prefix, houlsby, ...)")
+    _common(s, from_config=True)
+    s.add_argument("--config", type=Path, default=None,
+                   help="a JSON run file (see configs/): any of " + ", ".join(TRAIN_CONFIG_KEYS)
+                   + "; flags given on the command line win")
+    s.add_argument("--module", default=None, help="module type (lora, ia3, prompt, ptuning, prefix, houlsby, ...)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a module config option, e.g. --option r=16 (repeatable; values parsed as JSON)")
     s.add_argument("--out", required=True, type=Path, help="bank directory (created, or added to)")
     s.add_argument("--name", default=None, help="module name (default TASK-TYPE)")
-    s.add_argument("--multitask", action="store_true", help="one shared module over the task mixture")
-    s.add_argument("--sampling", default="proportional", choices=["proportional", "temperature", "uniform"])
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-epochs", type=int, default=3)
-    s.add_argument("--max-steps", type=int, default=-1, help="cap on optimiser steps (-1: none)")
-    s.add_argument("--patience", type=int, default=2, help="early-stopping patience in validations")
+    s.add_argument("--multitask", action="store_true", default=None, help="one shared module over the task mixture")
+    s.add_argument("--sampling", default=None, choices=["proportional", "temperature", "uniform"])
+    s.add_argument("--lr", type=float, default=None, help="default 1e-3")
+    s.add_argument("--batch-size", type=int, default=None, help="default 16")
+    s.add_argument("--max-epochs", type=int, default=None, help="default 3")
+    s.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default -1: none)")
+    s.add_argument("--patience", type=int, default=None, help="early-stopping patience in validations (default 2)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="accuracy of a bank's modules with task-id routing")
@@ -267,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bank_export)
+    s = b.add_parser("rm", help="remove a module from a bank (its weights file too)")
+    s.add_argument("bank", type=Path)
+    s.add_argument("module")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bank_rm)
     s = b.add_parser("import", help="bring a peft adapter directory into a bank")
     s.add_argument("bank", type=Path)
     s.add_argument("dir", type=Path)
@@ -284,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     except MtpeftError as e:
         print(f"mtpeft: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mtpeft tasks --json | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError, ValueError):  # so the interpreter's final flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

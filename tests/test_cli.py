@@ -624,3 +624,99 @@ def test_bank_naming_an_unknown_backbone(capsys, bank_copy, files, name, problem
     (bank_copy / "manifest.json").write_text(json.dumps(m))
     msg = error_of(capsys, "eval", "--bank", bank_copy, "--task-file", f"toy={files['csv']}")
     assert problem in msg
+
+
+# ---- run files (--config), bank rm, --name with several tasks -------------------------------------
+
+def write_config(path, **conf):
+    path.write_text(json.dumps(conf))
+    return path
+
+
+def test_config_file_fills_what_flags_leave_out(capsys, tmp_path, files):
+    conf = write_config(tmp_path / "run.json", backbone="tiny-bert", module="lora", options={"r": 2},
+                        task_files=[f"toy={files['csv']}"], max_steps=3, batch_size=8, seed=1)
+    bank = tmp_path / "b"
+    got = run_json(capsys, "train", "--config", conf, "--out", bank)
+    (row,) = got["results"]
+    assert (row["module"], row["task"], row["steps"]) == ("toy-lora", "toy", 3)
+    (e,) = read_manifest_json(bank)["modules"]
+    assert e["config"]["r"] == 2
+    assert read_manifest_json(bank)["backbone"]["name"] == "tiny-bert"
+    # a flag wins over the file; --option overrides one key and keeps the rest
+    got = run_json(capsys, "train", "--config", conf, "--out", bank, "--module", "ia3", "--max-steps", 2)
+    assert [(r["module"], r["steps"]) for r in got["results"]] == [("toy-ia3", 2)]
+    got = run_json(capsys, "train", "--config", conf, "--out", bank, "--name", "wide", "--option", "alpha=4")
+    cfg = next(e for e in read_manifest_json(bank)["modules"] if e["name"] == "wide")["config"]
+    assert (cfg["r"], cfg["alpha"]) == (2, 4)
+
+
+def test_shipped_configs_are_valid(capsys):
+    """Every file under configs/ names known keys, known tasks and a known module type with valid options."""
+    from pathlib import Path
+
+    from mtpeft.api import parse_options
+    from mtpeft.cli import TRAIN_CONFIG_KEYS
+    from mtpeft.suite import builtin_names
+
+    paths = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
+    assert paths
+    for p in paths:
+        conf = json.loads(p.read_text())
+        assert set(conf) <= set(TRAIN_CONFIG_KEYS), p
+        assert set(conf.get("tasks", [])) <= set(builtin_names()), p
+        parse_options(conf.get("module", "lora"), [f"{k}={json.dumps(v)}" for k, v in conf.get("options", {}).items()])
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"learning_rate": 0.1}', "unknown key(s) ['learning_rate']"),
+    ('{"options": [1]}', "'options' must be an object"),
+    ('{"tasks": "bbc_topic"}', "'tasks' must be a list of strings"),
+])
+def test_bad_config_files(capsys, tmp_path, content, problem):
+    conf = tmp_path / "run.json"
+    conf.write_text(content)
+    msg = error_of(capsys, "train", "--config", conf, "--out", tmp_path / "b")
+    assert problem in msg and str(conf) in msg
+    assert not (tmp_path / "b").exists()
+    msg = error_of(capsys, "train", "--config", tmp_path / "missing.json", "--out", tmp_path / "b")
+    assert "run config not found" in msg
+
+
+def test_name_with_several_tasks_needs_multitask(capsys, tmp_path, files):
+    msg = error_of(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}",
+                   "--task-file", f"toy2={files['jsonl']}", "--name", "one", "--out", tmp_path / "b")
+    assert "--name names one module" in msg and "--multitask" in msg
+    assert not (tmp_path / "b").exists()
+
+
+def test_bank_rm(capsys, bank_copy):
+    weights = bank_copy / "modules" / "my-ia3.safetensors"
+    assert weights.is_file()
+    rc, out, _ = run(capsys, "bank", "rm", bank_copy, "my-ia3")
+    assert rc == 0 and "removed my-ia3" in out
+    assert [e["name"] for e in read_manifest_json(bank_copy)["modules"]] == ["toy-lora"]
+    assert not weights.exists()
+    got = run_json(capsys, "bank", "ls", bank_copy)
+    assert [m["name"] for m in got["modules"]] == ["toy-lora"]
+    msg = error_of(capsys, "bank", "rm", bank_copy, "my-ia3")
+    assert "no module 'my-ia3'" in msg and "toy-lora" in msg
+
+
+def test_broken_pipe_is_quiet():
+    """`mtpeft ... | head`: the reader leaves early; the command ends without a traceback."""
+    import subprocess
+    import sys
+
+    prog = ("import mtpeft.cli as c\n"
+            "def flood(args):\n"
+            "    for _ in range(200000):\n"
+            "        print('row ' * 20)\n"
+            "c.cmd_tasks = flood\n"
+            "raise SystemExit(c.main(['tasks']))\n")
+    p = subprocess.run(f"{sys.executable} -c \"$PROG\" | head -n 1", shell=True, capture_output=True, text=True,
+                       env={**__import__('os').environ, "PROG": prog}, timeout=120)
+    assert p.stdout.startswith("row"), p
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
