@@ -29,8 +29,12 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -q -m "not e2e" tests
 
-bench: setup
-	$(PY) benchmarks/bench_routing.py
+bench: setup  # each script writes benchmarks/results/<name>.json; `make bench BENCH_ARGS=--quick` for a smoke run
+	$(PY) benchmarks/bench_kernels.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_routing.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_train.py --backbone smollm2 --batch 4 --seq 64 --types lora $(BENCH_ARGS)
+	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check mtpeft tests benchmarks examples

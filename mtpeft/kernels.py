@@ -3,23 +3,99 @@
 Three regimes, chosen per call:
 - per example (``[B, K]``): gather each example's K experts and run a batched matmul; the cost is
   K single modules whatever the size of the bank.
-- per token, small bank: one dense pass over all experts (two matmuls over ``[E*r]``), which is
-  the fastest when ``E`` is small.
-- per token, large bank, top-k: sort the (token, expert) pairs by expert, pad each expert's tokens
+- per token, dense: one pass over all experts (for low-rank stacks two matmuls over ``[E*r]``),
+  the fastest while the bank is small or each expert is cheap next to moving a token around.
+- per token, grouped (top-k): sort the (token, expert) pairs by expert, pad each expert's tokens
   to a common length and run one batched matmul over the experts actually selected, so the cost
-  follows the selected experts and not the bank. Very skewed routing (where padding would waste
-  more than it saves) loops over the used experts instead; never over tokens.
+  follows the selected experts and not the bank. Very skewed routing (where padding to the largest
+  count would more than double the work) pads each expert to a power of two instead: a few batched
+  calls, one per distinct length; never a loop over experts or tokens.
+
+The per-token choice is cost based (``token_path``): each stack states what one expert costs per
+token in the dense pass and per (token, selected expert) pair in the grouped one (``token_costs``),
+and the grouped path pays on top for moving every pair's input and output (gathered into padded
+slots, gathered back) and a fixed overhead per call. Both paths give the same outputs (up to float rounding).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .routing import LocalRouting
 
-# Per-token routing over at most this many experts uses the dense pass (measured: see
-# benchmarks/bench_routing.py; dense wins while E*r stays below a few times the hidden size).
-DENSE_TOKEN_MAX_EXPERTS = 8
+# Cost model of the per-token dispatch, in multiply-add equivalents per token:
+#   dense   = fixed + E * per_expert
+#   grouped = K * (per_pair + MOVE_COST * (d_src + d_out)) + CALL_COST / tokens
+# with ``per_expert``/``per_pair``/``fixed`` from the stack (``token_costs``). MOVE_COST: gathering one
+# element of a routed pair's input and one of its output (padding, gather, weighted gather-back)
+# next to one multiply-add of a large GEMM; CALL_COST: sorting and the dozen small kernels of one
+# grouped call. Measured on CPU, fp32, one thread (a shared 2-core machine), by
+# benchmarks/bench_kernels.py, which also fits MOVE_COST and CALL_COST to its timings (``best_fit_constants``
+# in benchmarks/results/kernel_threshold.json): re-fit after a run on the machine that matters.
+MOVE_COST = 160.0
+CALL_COST = 3.2e7
+# Efficiency of each stack's products next to one large GEMM (same source):
+GROUPED_LOWRANK = 3.0  # [U, C, d] x [U, d, r] batched products with a small r: ~3x slower per multiply-add
+IA3_DENSE = 2.0  # (IA)3's dense pass: the [N, E] x [E, d] mix plus an elementwise pass over [N, d]
+KRONA_DENSE = 10.0  # KronA's dense pass reshuffles an [a_in, E*b_out] intermediate per token
+KRONA_GROUPED = 20.0  # KronA grouped: a batch of tiny [a_in, b_in] x [b_in, b_out] products per token
+
+# Legacy override, for tests and benchmarks that force a path: an int restores the old fixed rule
+# (dense iff E <= DENSE_TOKEN_MAX_EXPERTS or 2K >= E; 0 forces the grouped path, a huge value the
+# dense one). None (the default): the cost-based choice.
+DENSE_TOKEN_MAX_EXPERTS: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenCosts:
+    """What a stack's experts cost, in multiply-add equivalents per token (see ``token_path``)."""
+
+    per_expert: float  # dense pass: each expert of the bank, per token
+    per_pair: float  # grouped path: each (token, selected expert) pair, not counting moving the data
+    fixed: float = 0.0  # dense pass: paid once per token whatever the bank's size
+
+
+def token_costs(stack) -> TokenCosts | None:
+    """The stack's own ``token_costs()`` if it has one, else an estimate from its shape (low-rank,
+    (IA)3 and KronA stacks are recognised by their attributes); None if nothing is known."""
+    own = getattr(stack, "token_costs", None)
+    if callable(own):
+        return own()
+    d_in, d_out = getattr(stack, "d_in", None), getattr(stack, "d_out", None)
+    if d_in is None or d_out is None:
+        return None
+    if isinstance(getattr(stack, "rank", None), int):  # LoRA, bottleneck adapters: down [r,d_in], up [d_out,r]
+        c = float(stack.rank * (d_in + d_out))
+        return TokenCosts(per_expert=c, per_pair=GROUPED_LOWRANK * c)
+    if isinstance(getattr(stack, "feedforward", None), bool):  # (IA)3
+        if stack.feedforward:  # W (x * l): the dense pass mixes the vectors, then one base matmul per token;
+            base = float(d_in * d_out)  # the grouped path runs that matmul once per selected expert
+            return TokenCosts(per_expert=IA3_DENSE * d_in, per_pair=base + d_in, fixed=base)
+        return TokenCosts(per_expert=IA3_DENSE * d_out, per_pair=float(d_out))  # y * l
+    if all(hasattr(stack, a) for a in ("a_in", "a_out", "b_out")):  # KronA: A X B^T per token
+        c = float(d_in * stack.b_out + stack.a_out * stack.a_in * stack.b_out)
+        return TokenCosts(per_expert=KRONA_DENSE * c, per_pair=KRONA_GROUPED * c)
+    return None
+
+
+def token_path(stack, tokens: int, num_experts: int, k: int, d_src: int | None = None) -> str:
+    """``"dense"`` or ``"grouped"``: the cheaper per-token path for ``tokens`` tokens routed to ``k``
+    of the stack's ``num_experts`` experts each (``d_src``: the width of what the experts read,
+    by default the stack's input width)."""
+    E, K = num_experts, k
+    if DENSE_TOKEN_MAX_EXPERTS is not None:  # the fixed rule, when a caller forces it
+        return "dense" if E <= DENSE_TOKEN_MAX_EXPERTS or 2 * K >= E else "grouped"
+    if 2 * K >= E:  # the grouped path would touch about as many experts as the dense one
+        return "dense"
+    c = token_costs(stack)
+    if c is None:  # a stack that states no costs: the old rule of thumb
+        return "dense" if E <= 8 else "grouped"
+    d_src = d_src if d_src is not None else stack.d_in
+    dense = c.fixed + E * c.per_expert
+    grouped = K * (c.per_pair + MOVE_COST * (d_src + stack.d_out)) + CALL_COST / max(tokens, 1)
+    return "dense" if dense <= grouped else "grouped"
 
 
 def _sparsify_rows(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -32,7 +108,9 @@ def _sparsify_rows(idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return idx.gather(-1, top), w.gather(-1, top)
 
 
-def routed_delta(stack, x: Tensor, local: LocalRouting) -> Tensor:
+def routed_delta(stack, x: Tensor, local: LocalRouting, path: str | None = None) -> Tensor:
+    """The stack's routed output for the source ``x``. ``path`` ("dense"/"grouped") forces the
+    per-token path (benchmarks); None lets ``token_path`` choose."""
     if not local.per_token:
         idx, w = _sparsify_rows(local.indices, local.weights)
         if x.dim() == 2:  # [B, d]: a single position per example
@@ -49,12 +127,21 @@ def routed_delta(stack, x: Tensor, local: LocalRouting) -> Tensor:
     w = local.weights.reshape(B * T, K).to(x.dtype)
     idx = local.indices.reshape(B * T, K)
     E = local.num_experts
-    if E <= DENSE_TOKEN_MAX_EXPERTS or K * 2 >= E:
-        dense = w.new_zeros(B * T, E).scatter_add_(1, idx, w)
-        out = stack.dense_tokens(x2, dense)
-    else:
+    if path is None:
+        path = token_path(stack, B * T, E, K, d)
+    if path == "dense":
+        out = dense_tokens(stack, x2, idx, w, E)
+    elif path == "grouped":
         out = grouped_tokens(stack, x2, idx, w)
+    else:
+        raise ValueError(f"path must be 'dense', 'grouped' or None, got {path!r}")
     return out.reshape(B, T, -1)
+
+
+def dense_tokens(stack, x2: Tensor, idx: Tensor, w: Tensor, num_experts: int) -> Tensor:
+    """Top-k per-token routing as one pass over every expert. x2 [N,d], idx/w [N,K] -> [N,d_out]."""
+    dense = w.new_zeros(x2.shape[0], num_experts).scatter_add_(1, idx, w)
+    return stack.dense_tokens(x2, dense)
 
 
 def stack_size(stack, ids: Tensor) -> int:
@@ -63,41 +150,63 @@ def stack_size(stack, ids: Tensor) -> int:
 
 
 def grouped_tokens(stack, x2: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-    """Top-k per-token routing computed per selected expert. x2 [N,d], idx/w [N,K] -> [N,d_out]."""
+    """Top-k per-token routing computed per selected expert. x2 [N,d], idx/w [N,K] -> [N,d_out].
+
+    Pairs (token, selected expert) with weight 0 are dropped. The others are sorted by expert and laid
+    out in padded slots: each used expert gets a run of ``cap`` slots, its tokens first, padding (token
+    0) after. Balanced routing gives every expert the same ``cap`` (the largest count): one batched
+    call. Skewed routing, where that padding would more than double the work, rounds each expert's
+    count up to a power of two instead: one batched call per distinct ``cap`` (at most
+    ``log2(tokens) + 1`` calls, padding under 2x), never a loop over experts or tokens. Every token's K
+    outputs are then gathered back and summed with their weights: no scatter (``index_add_`` on CPU is
+    a serial scatter several times slower than the gathers).
+    """
     N, K = idx.shape
+    dev = x2.device
     flat_e = idx.reshape(-1)
     flat_w = w.reshape(-1)
-    tok = torch.arange(N, device=x2.device).repeat_interleave(K)
     keep = flat_w != 0
-    if not bool(keep.all()):
-        flat_e, flat_w, tok = flat_e[keep], flat_w[keep], tok[keep]
-    out = x2.new_zeros(N, stack.d_out)
-    M = flat_e.numel()
+    pair = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # kept pairs, as n * K + k
+    e = flat_e if pair is None else flat_e[pair]
+    M = e.numel()
     if M == 0:
-        return out
-    counts_all = torch.bincount(flat_e, minlength=stack_size(stack, flat_e))
+        return x2.new_zeros(N, stack.d_out)
+    counts_all = torch.bincount(e, minlength=stack_size(stack, e))
     used = counts_all.nonzero().squeeze(1)
     counts = counts_all[used]
     U = used.numel()
     C = int(counts.max())
-    order = torch.argsort(flat_e)
-    tok_s, w_s = tok[order], flat_w[order]
-    if U * C <= 2 * M:  # balanced enough: pad and run one batched matmul over the used experts
-        # Slot u*C + j holds the j-th token routed to the u-th used expert; padding slots read token 0
-        # with weight 0, so one gather fills the padded input and one index_add scatters the output.
-        g = torch.repeat_interleave(torch.arange(U, device=x2.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = g * C + (torch.arange(M, device=x2.device) - starts[g])
-        slot_tok = torch.zeros(U * C, dtype=torch.long, device=x2.device)
-        slot_tok[slot] = tok_s
-        slot_w = x2.new_zeros(U * C)
-        slot_w[slot] = w_s
-        X = x2.index_select(0, slot_tok).view(U, C, -1)
-        Y = stack.grouped(X, used).reshape(U * C, -1)
-        out.index_add_(0, slot_tok, Y * slot_w[:, None])
-        return out
-    # Skewed: one matmul per used expert (a loop over experts, not tokens).
-    for e, t, ws in zip(used.tolist(), tok_s.split(counts.tolist()), w_s.split(counts.tolist())):
-        Y = stack.grouped(x2[t][None], torch.tensor([e], device=x2.device))[0]
-        out.index_add_(0, t, Y * ws[:, None])
-    return out
+    order = torch.argsort(e, stable=True)
+    pair_s = order if pair is None else pair[order]  # the kept pairs, grouped by expert (ascending id)
+    tok_s = torch.div(pair_s, K, rounding_mode="floor")
+    g = torch.repeat_interleave(torch.arange(U, device=dev), counts, output_size=M)  # used-expert of each pair
+    j = torch.arange(M, device=dev) - (torch.cumsum(counts, 0) - counts)[g]  # its rank among that expert's pairs
+    if U * C <= 2 * M:  # balanced enough: one run of C slots per used expert, one batched call
+        slot = g * C + j
+        runs = [(U, C)]
+    else:  # skewed: runs of 2^ceil(log2(count)) slots, experts ordered by run length
+        cap = torch.pow(2, torch.ceil(torch.log2(counts.double()))).long()
+        by_cap = torch.argsort(cap, stable=True)
+        used, cap = used[by_cap], cap[by_cap]
+        first = torch.cumsum(cap, 0) - cap  # first slot of each (reordered) expert's run
+        pos = torch.empty_like(by_cap)
+        pos[by_cap] = torch.arange(U, device=dev)
+        slot = first[pos[g]] + j
+        caps, n_exp = torch.unique_consecutive(cap, return_counts=True)
+        runs = list(zip(n_exp.tolist(), caps.tolist()))
+    slot_tok = torch.zeros(sum(n * c for n, c in runs), dtype=torch.long, device=dev)
+    slot_tok[slot] = tok_s
+    X = x2.index_select(0, slot_tok)
+    outs, s0, u0 = [], 0, 0
+    for n, c in runs:
+        outs.append(stack.grouped(X[s0: s0 + n * c].view(n, c, -1), used[u0: u0 + n]).reshape(n * c, -1))
+        s0, u0 = s0 + n * c, u0 + n
+    Y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    # Row of Y holding each pair's output; dropped pairs point at row 0 and have weight 0.
+    where = torch.zeros(N * K, dtype=torch.long, device=dev)
+    where[pair_s] = slot
+    Yp = Y.index_select(0, where).view(N, K, -1)
+    wk = flat_w.view(N, K, 1)
+    if K == 1:
+        return Yp[:, 0] * wk[:, 0]
+    return torch.bmm(wk.transpose(1, 2), Yp)[:, 0]

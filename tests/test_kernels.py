@@ -49,7 +49,7 @@ def test_routed_delta_matches_reference(per_token, dense_max, monkeypatch):
     assert torch.allclose(got, reference(st, x, r.weights, r.indices), atol=1e-5)
 
 
-def test_grouped_skewed_routing_falls_back_to_per_expert_loop(monkeypatch):
+def test_grouped_skewed_routing_pads_to_powers_of_two(monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
     st = make_stack(E=12)
     x = torch.randn(2, 40, 16)
@@ -58,6 +58,25 @@ def test_grouped_skewed_routing_falls_back_to_per_expert_loop(monkeypatch):
     r = Routing(torch.ones(2, 40, 1), idx)
     got = kernels.routed_delta(st, x, localize(r, torch.arange(12), 12))
     assert torch.allclose(got, reference(st, x, r.weights, r.indices), atol=1e-5)
+
+
+def test_skewed_routing_takes_few_batched_calls_not_one_per_expert(monkeypatch):
+    """Token counts from 1 to 64 over 64 experts: padding every expert to 64 would more than double the
+    work; runs of power-of-two lengths take one call per distinct length, each padded under 2x."""
+    st = make_stack(E=64, d=8, r=2)
+    calls = []
+    grouped = st.grouped
+    monkeypatch.setattr(st, "grouped", lambda X, used: calls.append(tuple(X.shape[:2])) or grouped(X, used))
+    counts = [max(1, 2 ** (e % 7) - e % 2) for e in range(64)]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))]
+    x = torch.randn(1, ids.numel(), 8)
+    r = Routing(torch.rand(1, ids.numel(), 1) + 0.5, ids.view(1, -1, 1))
+    got = kernels.routed_delta(st, x, localize(r, torch.arange(64), 64), path="grouped")
+    assert torch.allclose(got, reference(st, x, r.weights, r.indices), atol=1e-5)
+    caps = {1 << (c - 1).bit_length() for c in counts}
+    assert len(calls) == len(caps) == 7
+    assert {c for _, c in calls} == caps and sum(n * c for n, c in calls) < 2 * ids.numel()
 
 
 def test_params_mixing_mixes_factors_not_outputs():
@@ -110,3 +129,112 @@ def test_training_gather_stacks_only_selected_experts():
     out.sum().backward()
     assert st.experts[2].lora_A.grad is not None
     assert all(st.experts[i].lora_A.grad is None for i in (0, 1, 3))
+
+
+# ---- the per-token path: dense pass or grouped by expert ----------------------------------------
+
+def lora_stack(E, d=384, r=8):
+    return make_stack(E=E, d=d, r=r)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_forced_paths_agree_with_reference_and_each_other(k):
+    st = make_stack(E=9)
+    x = torch.randn(2, 11, 16)
+    r = Routing.topk(torch.randn(2, 11, 9), k=k)
+    local = localize(r, torch.arange(9), 9)
+    dense = kernels.routed_delta(st, x, local, path="dense")
+    grouped = kernels.routed_delta(st, x, local, path="grouped")
+    ref = reference(st, x, r.weights, r.indices)
+    assert torch.allclose(dense, ref, atol=1e-5) and torch.allclose(grouped, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="path"):
+        kernels.routed_delta(st, x, local, path="sideways")
+
+
+def test_grouped_path_drops_pairs_of_other_groups():
+    """Per-token routing over a bank where some selected modules belong to another group (weight 0 here)."""
+    st = make_stack(E=6)
+    x = torch.randn(2, 9, 16)
+    r = Routing.topk(torch.randn(2, 9, 10), k=3)  # modules 0..9; this stack holds 4..9
+    local = localize(r, torch.arange(4, 10), 10)
+    assert bool((local.weights == 0).any())
+    grouped = kernels.routed_delta(st, x, local, path="grouped")
+    dense = kernels.routed_delta(st, x, local, path="dense")
+    assert torch.allclose(grouped, dense, atol=1e-5)
+    assert torch.allclose(grouped, reference(st, x, local.weights, local.indices), atol=1e-5)
+
+
+def test_chooser_dense_for_small_banks_grouped_for_large_banks_of_big_rank():
+    small, big = lora_stack(1, r=8), lora_stack(1, r=64)
+    assert kernels.token_path(small, 2048, 3, 2) == "dense"  # 2K >= E
+    assert kernels.token_path(small, 2048, 6, 2) == "dense"
+    assert kernels.token_path(big, 2048, 256, 2) == "grouped"
+    # a bigger rank makes every expert of the dense pass dearer: grouped comes no later than for r=8
+    first = {r: next(E for E in range(5, 4097) if kernels.token_path(st, 2048, E, 2) == "grouped")
+             for r, st in ((8, small), (64, big))}
+    assert first[64] <= first[8]
+    # few tokens: the grouped path's fixed overhead is not worth it as early
+    assert next(E for E in range(5, 4097) if kernels.token_path(big, 8, E, 2) == "grouped") >= first[64]
+
+
+def test_chooser_keeps_ia3_on_the_ffn_dense():
+    """(IA)3 on an FFN output scales the layer input: the grouped path would rerun the base matmul once
+    per selected expert, the dense pass mixes the vectors and runs it once."""
+    from mtpeft.modules.ia3 import IA3Config, IA3Stack
+
+    base = nn.Linear(1536, 384)
+    assert kernels.token_path(IA3Stack(IA3Config(), base, feedforward=True), 2048, 128, 2) == "dense"
+    assert kernels.token_path(LoRAStack(LoRAConfig(r=8), base), 2048, 128, 2) == "grouped"
+
+
+def test_stacks_can_state_their_own_costs_and_unknown_stacks_keep_the_old_rule():
+    class Cheap:
+        d_in = d_out = 16
+
+        def token_costs(self):
+            return kernels.TokenCosts(per_expert=1.0, per_pair=1e9)
+
+    class Unknown:
+        d_in = d_out = 16
+
+    assert kernels.token_path(Cheap(), 2048, 1000, 2) == "dense"
+    assert kernels.token_path(Unknown(), 2048, 8, 2) == "dense"
+    assert kernels.token_path(Unknown(), 2048, 9, 2) == "grouped"
+
+
+def test_fixed_threshold_override_still_forces_a_path(monkeypatch):
+    st = lora_stack(1, r=64)
+    monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 10**9)
+    assert kernels.token_path(st, 2048, 256, 2) == "dense"
+    monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
+    assert kernels.token_path(st, 2048, 5, 2) == "grouped"
+    assert kernels.token_path(st, 2048, 4, 2) == "dense"  # 2K >= E: dense whatever the threshold
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "ia3_ffn", "krona"])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_dense_and_grouped_paths_agree_for_every_linear_stack(kind, skewed):
+    from mtpeft.modules.ia3 import IA3Config, IA3Stack
+    from mtpeft.modules.krona import KronAConfig, KronAStack
+
+    base = nn.Linear(24, 16)
+    st = {"lora": lambda: LoRAStack(LoRAConfig(r=3), base),
+          "ia3": lambda: IA3Stack(IA3Config(), base, feedforward=False),
+          "ia3_ffn": lambda: IA3Stack(IA3Config(), base, feedforward=True),
+          "krona": lambda: KronAStack(KronAConfig(max_factor=4), base)}[kind]()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        st.add_expert(g)
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    st.requires_grad_(False)
+    x = torch.randn(3, 50, 16 if kind == "ia3" else 24, generator=g)  # (IA)3 on a key/value reads y
+    logits = torch.randn(3, 50, 20, generator=g)
+    if skewed:
+        logits[..., 0] += 4.0  # most tokens pick expert 0
+    local = localize(Routing.topk(logits, 2), torch.arange(20), 20)
+    dense = kernels.routed_delta(st, x, local, path="dense")
+    grouped = kernels.routed_delta(st, x, local, path="grouped")
+    assert dense.abs().max() > 1e-3
+    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=1e-5)
