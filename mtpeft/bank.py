@@ -21,6 +21,7 @@ from . import modules as _modules  # noqa: F401  (registers the built-in module 
 from .io import MtpeftError, read_json, read_tensors, write_json, write_tensors
 from .modules.base import MODULE_TYPES, LinearStack, ModuleConfig, ModuleType, Stack, match_targets
 from .routing import LocalRouting, Routing, RoutingLike, localize
+from .kernels import routed_delta
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -98,17 +99,27 @@ class BankedLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         bank = self._bank
         state = bank.state
         if state.routing is None:  # bare pass: nothing reads the stash, so keep no activations
-            return y
+            return self.base(x)
         if self.site in bank._stash_sites:
             state.stash[self.site] = x
+        # Stacks compose in insertion order. Leading input-scaling stacks ((IA)3 on the FFN output,
+        # W (x * l)) fold into the base matmul: W (x + x * dl) + b, one matmul instead of two.
+        scaled, rest = None, []
         for key, stack in self.stacks.items():
             local = bank._local_routing(key, self.site, x)
-            if local is not None:
-                y = stack(x, y, local)
+            if local is None:
+                continue
+            if not rest and getattr(stack, "input_scaling", False):
+                d = routed_delta(stack, x, local)
+                scaled = d if scaled is None else scaled + d
+            else:
+                rest.append((stack, local))
+        y = self.base(x if scaled is None else x + scaled)
+        for stack, local in rest:
+            y = stack(x, y, local)
         return y
 
 

@@ -70,9 +70,8 @@ def token_costs(stack) -> TokenCosts | None:
         c = float(stack.rank * (d_in + d_out))
         return TokenCosts(per_expert=c, per_pair=GROUPED_LOWRANK * c)
     if isinstance(getattr(stack, "feedforward", None), bool):  # (IA)3
-        if stack.feedforward:  # W (x * l): the dense pass mixes the vectors, then one base matmul per token;
-            base = float(d_in * d_out)  # the grouped path runs that matmul once per selected expert
-            return TokenCosts(per_expert=IA3_DENSE * d_in, per_pair=base + d_in, fixed=base)
+        if stack.feedforward:  # W (x * l): both paths mix x * dl, then the base matmul runs once per token
+            return TokenCosts(per_expert=IA3_DENSE * d_in, per_pair=float(d_in))
         return TokenCosts(per_expert=IA3_DENSE * d_out, per_pair=float(d_out))  # y * l
     if all(hasattr(stack, a) for a in ("a_in", "a_out", "b_out")):  # KronA: A X B^T per token
         c = float(d_in * stack.b_out + stack.a_out * stack.a_in * stack.b_out)
@@ -94,7 +93,8 @@ def token_path(stack, tokens: int, num_experts: int, k: int, d_src: int | None =
         return "dense" if E <= 8 else "grouped"
     d_src = d_src if d_src is not None else stack.d_in
     dense = c.fixed + E * c.per_expert
-    grouped = K * (c.per_pair + MOVE_COST * (d_src + stack.d_out)) + CALL_COST / max(tokens, 1)
+    d_delta = getattr(stack, "delta_out", stack.d_out)
+    grouped = K * (c.per_pair + MOVE_COST * (d_src + d_delta)) + CALL_COST / max(tokens, 1)
     return "dense" if dense <= grouped else "grouped"
 
 
@@ -170,7 +170,7 @@ def grouped_tokens(stack, x2: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     e = flat_e if pair is None else flat_e[pair]
     M = e.numel()
     if M == 0:
-        return x2.new_zeros(N, stack.d_out)
+        return x2.new_zeros(N, getattr(stack, "delta_out", stack.d_out))
     counts_all = torch.bincount(e, minlength=stack_size(stack, e))
     used = counts_all.nonzero().squeeze(1)
     counts = counts_all[used]

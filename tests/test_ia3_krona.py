@@ -264,3 +264,37 @@ def test_krona_params_mix_mixes_each_factor():
         got = stack.per_example(x, torch.tensor([[0, 1]]), w, "params")
     torch.testing.assert_close(got, x @ torch.kron(A, B).t().detach(), atol=1e-5, rtol=1e-5)
 
+
+
+@needs
+def test_ffn_ia3_folds_into_the_base_matmul(family, monkeypatch):
+    """A leading FFN (IA)3 stack scales the layer input before the one base matmul; behind another stack at
+    the same site it adds W (x * dl) instead (a second matmul). Both orders give the same outputs."""
+    from mtpeft.modules.ia3 import IA3Stack
+
+    sites = ["down_proj"] if family == "causal" else [r"re:layer\.\d+\.output\.dense$"]
+    cfgs = {"lora": {"target_modules": sites}, "ia3": {"target_modules": sites, "feedforward_modules": sites}}
+    ids, mask = batch()
+    outs, calls, first = {}, {}, None
+    real = IA3Stack.combine
+    for order in (("ia3", "lora"), ("lora", "ia3")):
+        bank = ModuleBank(make_backbone(family))
+        for t in order:
+            bank.add(t, t, dict(cfgs[t]), seed=0)
+            perturb(bank, t, seed=1)
+            if first is not None:  # the same weights in both banks (init draws depend on the order)
+                with torch.no_grad():
+                    for k, p in bank.module_parameters(t).items():
+                        p.copy_(first.module_parameters(t)[k])
+                perturb(bank, t, std=0.0)  # drops cached stacks
+        first = first or bank
+        n = []
+        monkeypatch.setattr(IA3Stack, "combine", lambda self, *a, n=n: n.append(1) or real(self, *a))
+        with torch.no_grad():
+            outs[order] = out(bank, ids, mask, Routing(torch.ones(3, 2), mix="output"))
+        calls[order] = len(n)
+    assert calls[("ia3", "lora")] == 0  # folded into the base matmul
+    assert calls[("lora", "ia3")] == 2  # the separate W (x * dl), once per FFN site (2 layers)
+    bare = out(bank, ids, mask)
+    assert (outs[("ia3", "lora")] - bare).abs().max() > 1e-2
+    torch.testing.assert_close(outs[("ia3", "lora")], outs[("lora", "ia3")], atol=1e-5, rtol=1e-5)

@@ -80,11 +80,26 @@ class IA3Stack(LinearStack):
     def source(self, x: Tensor, y: Tensor) -> Tensor:
         return x if self.feedforward else y
 
+    @property
+    def input_scaling(self) -> bool:
+        """FFN sites scale the layer input: the bank folds a leading one into the base matmul,
+        ``W (x + x * dl) + b``, so no second matmul is paid (see ``BankedLinear.forward``)."""
+        return self.feedforward
+
+    @property
+    def delta_out(self) -> int:
+        """Width of what the routed computations return: ``x * dl`` [.., d_in] on FFN sites."""
+        return self.dim
+
     def _out(self, s: Tensor, dl: Tensor) -> Tensor:
-        """The delta from the source ``s`` and the scale offsets ``dl`` (broadcast against ``s``)."""
-        if self.feedforward:
-            return F.linear(s * dl, self._base.weight.to(s.dtype))
+        """The routed part from the source ``s`` and the scale offsets ``dl`` (broadcast against ``s``):
+        ``s * dl``; on FFN sites ``combine`` maps it through the base weight, once, after mixing."""
         return s * dl
+
+    def combine(self, x: Tensor, y: Tensor, delta: Tensor) -> Tensor:
+        if self.feedforward:
+            return y + F.linear(delta, self._base.weight.to(delta.dtype))
+        return y + delta
 
     def per_example(self, x: Tensor, idx: Tensor, w: Tensor, mix: str) -> Tensor:
         # Linear in l: mix "output" and "params" coincide.

@@ -39,12 +39,13 @@ class LowRankStack(LinearStack):
         if mix == "params" or K == 1:
             A = torch.einsum("bk,bkrd->brd", w, A) if K > 1 else A[:, 0]
             U = torch.einsum("bk,bkor->bor", w, U) if K > 1 else U[:, 0] * w[:, 0, None, None]
-            return self.scale * torch.bmm(self._act(torch.bmm(x, A.transpose(1, 2))), U.transpose(1, 2))
+            # the scale rides on the small [B,d_out,r] factor, not on the [B,T,d_out] output
+            return torch.bmm(self._act(torch.bmm(x, A.transpose(1, 2))), (U * self.scale).transpose(1, 2))
         r = A.shape[2]
         h = torch.bmm(x, A.reshape(B, K * r, -1).transpose(1, 2))  # [B,T,K*r]
-        h = self._act(h) * w.repeat_interleave(r, dim=1)[:, None, :]
+        h = self._act(h) * (w * self.scale).repeat_interleave(r, dim=1)[:, None, :]
         U = U.permute(0, 1, 3, 2).reshape(B, K * r, -1)  # [B,K*r,d_out]
-        return self.scale * torch.bmm(h, U)
+        return torch.bmm(h, U)
 
     def dense_tokens(self, x: Tensor, w: Tensor) -> Tensor:
         x = self.dropout(x)
@@ -52,11 +53,11 @@ class LowRankStack(LinearStack):
         U = self.stacked(self.up_name)  # [E,d_out,r]
         E, r, _ = A.shape
         h = x @ A.reshape(E * r, -1).t()  # [N,E*r]
-        h = self._act(h) * w.repeat_interleave(r, dim=1)
-        return self.scale * (h @ U.permute(0, 2, 1).reshape(E * r, -1))
+        h = self._act(h) * (w * self.scale).repeat_interleave(r, dim=1)  # the scale rides on [N,E*r]
+        return h @ U.permute(0, 2, 1).reshape(E * r, -1)
 
     def grouped(self, x: Tensor, used: Tensor) -> Tensor:
         x = self.dropout(x)
         A = self.gather(self.down_name, used)  # [U,r,d_in]
         Up = self.gather(self.up_name, used)  # [U,d_out,r]
-        return self.scale * torch.bmm(self._act(torch.bmm(x, A.transpose(1, 2))), Up.transpose(1, 2))
+        return torch.bmm(self._act(torch.bmm(x, A.transpose(1, 2))) * self.scale, Up.transpose(1, 2))
