@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import save  # noqa: E402
+from common import save
 
-from mtpeft import TrainConfig, builtin_names, expert_vs_zero_shot, load_builtin  # noqa: E402
-from mtpeft.api import new_bank  # noqa: E402
-from mtpeft.cli import table  # noqa: E402
+from mtpeft import TrainConfig, builtin_names, expert_vs_zero_shot, load_builtin
+from mtpeft.api import new_bank
+from mtpeft.cli import table
 
 
 def main(argv=None):

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from . import modules as _modules  # noqa: F401  (registers the built-in module types)
 from .io import MtpeftError, read_json, read_tensors, write_json, write_tensors
+from .kernels import routed_delta
 from .modules.base import MODULE_TYPES, LinearStack, ModuleConfig, ModuleType, Stack, match_targets
 from .routing import LocalRouting, Routing, RoutingLike, localize
-from .kernels import routed_delta
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -22,8 +22,9 @@ def synthetic_task(name="toy", n=48, seed=0, labels=("red", "blue")):
     """A learnable two-class task: the label word's synonym appears in the text."""
     import random
 
-    from mtpeft.tasks import Task, make_dataset
     from datasets import DatasetDict
+
+    from mtpeft.tasks import Task, make_dataset
 
     rng = random.Random(seed)
     cue = {0: ["apple", "cherry", "ruby"], 1: ["sky", "ocean", "sapphire"]}

@@ -58,10 +58,9 @@ def test_add_remove_and_names(tiny_backbone):
 
 def test_routing_scope_is_restored_even_on_error(tiny_backbone):
     bank = _lora_bank(tiny_backbone)
-    with pytest.raises(RuntimeError):
-        with bank.route(Routing.one_hot([0])):
-            assert bank.state.routing is not None
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), bank.route(Routing.one_hot([0])):
+        assert bank.state.routing is not None
+        raise RuntimeError("boom")
     assert bank.state.routing is None
 
 

@@ -18,7 +18,7 @@ from ..io import MtpeftError
 from ..registry import Registry
 from ..routing import LocalRouting
 
-MODULE_TYPES: Registry[type["ModuleType"]] = Registry("module type")
+MODULE_TYPES: Registry[type[ModuleType]] = Registry("module type")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ModuleConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModuleConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModuleConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ class LoRA(ModuleType):
     config_cls = LoRAConfig
     mergeable = True
     identity_at_init = True
-    default_targets = {"encoder": ["query", "value"], "causal": ["q_proj", "v_proj"]}
+    default_targets: ClassVar[dict[str, list[str]]] = {"encoder": ["query", "value"], "causal": ["q_proj", "v_proj"]}
 
     @classmethod
     def make_stack(cls, config, site, backbone):

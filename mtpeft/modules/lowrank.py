@@ -1,7 +1,7 @@
 """The computation LoRA and bottleneck adapters share: ``delta = s * up(act(down(x)))`` per expert."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
