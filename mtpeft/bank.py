@@ -106,18 +106,17 @@ class BankedLinear(nn.Module):
         if self.site in bank._stash_sites:
             state.stash[self.site] = x
         # Stacks compose in insertion order. Leading input-scaling stacks ((IA)3 on the FFN output,
-        # W (x * l)) fold into the base matmul: W (x + x * dl) + b, one matmul instead of two.
+        # W (x * l)) fold into the base matmul: W (x (1 + dl)) + b, one matmul instead of two.
         scaled, rest = None, []
         for key, stack in self.stacks.items():
             local = bank._local_routing(key, self.site, x)
             if local is None:
                 continue
             if not rest and getattr(stack, "input_scaling", False):
-                d = routed_delta(stack, x, local)
-                scaled = d if scaled is None else scaled + d
+                scaled = stack.scaled_input(x, local) if scaled is None else scaled + routed_delta(stack, x, local)
             else:
                 rest.append((stack, local))
-        y = self.base(x if scaled is None else x + scaled)
+        y = self.base(x if scaled is None else scaled)
         for stack, local in rest:
             y = stack(x, y, local)
         return y

@@ -41,3 +41,25 @@ def test_minilm_lora_expert_beats_zero_shot(minilm_bank, task_name, tmp_path):
     bank.save(tmp_path / "bank", only=[f"{task_name}-lora"])
     again, again_scorer = open_bank(tmp_path / "bank")
     assert evaluate(again, again_scorer, task, f"{task_name}-lora")["accuracy"] == expert["accuracy"]
+
+
+def test_quickstart_runs_and_writes_its_bank(tmp_path, capsys):
+    """`make demo`'s script, capped to one task and a few steps: the table's row and a loadable bank."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    spec = importlib.util.spec_from_file_location("quickstart", path)
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    out = tmp_path / "qs-bank"
+    quickstart.main(["--tasks", "tweet_apple", "--max-examples", "60", "--max-steps", "4", "--out", str(out),
+                     "--json"])
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["rows"]
+    assert row["task"] == "tweet_apple" and row["n"] == 60 and row["steps"] == 4
+    assert result["module"] == "lora" and result["backbone"] == "minilm"
+    assert main(["bank", "ls", str(out), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed["modules"]] == ["tweet_apple-lora"]
+    assert listed["modules"][0]["test_acc"] == pytest.approx(row["expert"], abs=1e-4)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io import MtpeftError
+from ..kernels import routed_delta
 from .base import LinearStack, ModuleConfig, ModuleType, match_targets, register
 
 # The FFN output projection of each family (what (IA)3 scales the input of). BERT's FFN output is
@@ -95,6 +96,26 @@ class IA3Stack(LinearStack):
         """The routed part from the source ``s`` and the scale offsets ``dl`` (broadcast against ``s``):
         ``s * dl``; on FFN sites ``combine`` maps it through the base weight, once, after mixing."""
         return s * dl
+
+    def _example_scale(self, local, like: Tensor) -> Tensor | None:
+        """Per-example routing: each example's scale ``1 + sum_k w_k (l_k - 1)``, shaped to broadcast
+        against ``like`` ([B,T,d] or [B,d]); None for per-token routing (the routed-delta kernels)."""
+        if local.per_token:
+            return None
+        w = local.weights.to(like.dtype)
+        scale = 1 + torch.einsum("bk,bkd->bd", w, self._dl(local.indices, like.dtype))
+        return scale[:, None, :] if like.dim() == 3 else scale
+
+    def scaled_input(self, x: Tensor, local) -> Tensor:
+        """FFN sites: ``x * (1 + dl)``, the input the base matmul then sees (one elementwise op)."""
+        s = self._example_scale(local, x)
+        return x * s if s is not None else x + routed_delta(self, x, local)
+
+    def forward(self, x: Tensor, y: Tensor, local) -> Tensor:
+        s = None if self.feedforward else self._example_scale(local, y)
+        if s is None:
+            return super().forward(x, y, local)
+        return y * s  # like peft's y * l: one elementwise op on the output, not y + y * dl
 
     def combine(self, x: Tensor, y: Tensor, delta: Tensor) -> Tensor:
         if self.feedforward:
