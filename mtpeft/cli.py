@@ -185,6 +185,9 @@ def cmd_train(args):
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
         for t in tasks:
             rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
+        per_task = {r["task"]: r["accuracy"] for r in rows}
+        bank.record(name).metrics.update({"test_acc": sum(per_task.values()) / len(per_task),
+                                          "test_acc_per_task": per_task})
     else:
         for t, name in zip(tasks, names):
             m = fit_expert(bank, scorer, t, name, args.module, config, cfg)

@@ -308,6 +308,9 @@ def test_multitask(capsys, tmp_path, files):
     assert (e["name"], e["type"], e["task"]) == ("multitask-lora", "lora", None)
     assert e["metadata"] == {"tasks": ["toy", "toy2"], "sampling": "temperature"}
     assert 0.0 <= e["metrics"]["best_val_acc"] <= 1.0  # validated over both tasks' validation splits
+    per_task = {r["task"]: r["accuracy"] for r in got["results"]}
+    assert e["metrics"]["test_acc_per_task"] == per_task
+    assert e["metrics"]["test_acc"] == pytest.approx(sum(per_task.values()) / 2)
     # task-id routing finds the shared module for either task
     got = run_json(capsys, "eval", "--bank", bank, "--task-file", f"toy2={files['jsonl']}")
     assert [(r["task"], r["module"]) for r in got["results"]] == [("toy2", "multitask-lora")]
