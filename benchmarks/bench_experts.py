@@ -1,7 +1,7 @@
 """Accuracy benchmark: one LoRA expert per built-in task on MiniLM, routed by task id, vs the bare backbone zero-shot.
 
 `python benchmarks/bench_experts.py [--tasks ...] [--max-train N] [--max-steps N]`; writes
-benchmarks/results/experts_minilm.json and prints the table the README shows. Test splits are used whole.
+benchmarks/results/experts_minilm_<module>.json and prints the table the README shows. Test splits are used whole.
 """
 from __future__ import annotations
 

@@ -314,33 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bank", help="inspect and move banks").add_subparsers(dest="bank_cmd", required=True)
-    s = b.add_parser("ls", help="list the modules of a bank")
-    s.add_argument("bank", type=Path)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_bank_ls)
-    s = b.add_parser("show", help="details of one module")
-    s.add_argument("bank", type=Path)
-    s.add_argument("module")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_bank_show)
-    s = b.add_parser("export", help="write a module as a peft adapter directory (lora, ia3, prompt)")
-    s.add_argument("bank", type=Path)
-    s.add_argument("module")
-    s.add_argument("dir", type=Path)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_bank_export)
-    s = b.add_parser("rm", help="remove a module from a bank (its weights file too)")
-    s.add_argument("bank", type=Path)
-    s.add_argument("module")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_bank_rm)
-    s = b.add_parser("import", help="bring a peft adapter directory into a bank")
-    s.add_argument("bank", type=Path)
-    s.add_argument("dir", type=Path)
-    s.add_argument("--name", default=None)
+    def bank_cmd(name, help, func, *positional):
+        s = b.add_parser(name, help=help)
+        s.add_argument("bank", type=Path)
+        for arg in positional:
+            s.add_argument(arg, type=Path if arg == "dir" else str)
+        s.add_argument("--json", action="store_true", help="print one JSON object")
+        s.set_defaults(func=func)
+        return s
+
+    bank_cmd("ls", "list the modules of a bank", cmd_bank_ls)
+    bank_cmd("show", "details of one module", cmd_bank_show, "module")
+    bank_cmd("export", "write a module as a peft adapter directory (lora, ia3, prompt)", cmd_bank_export,
+             "module", "dir")
+    bank_cmd("rm", "remove a module from a bank (its weights file too)", cmd_bank_rm, "module")
+    s = bank_cmd("import", "bring a peft adapter directory into a bank", cmd_bank_import, "dir")
+    s.add_argument("--name", default=None, help="the module's name in the bank (default: the directory's name)")
     s.add_argument("--task", default=None, help="the task the adapter was trained on (for task-id routing)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_bank_import)
     return p
 
 

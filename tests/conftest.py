@@ -60,3 +60,58 @@ def perturb(bank, name, std=0.3, seed=0):
     group, _ = bank._group_of(name)
     for _, stack in bank.stacks_of(group):
         stack.invalidate()
+
+
+VOCAB = 100  # the tiny hand-built models' vocabulary
+
+
+class StandInTokenizer:
+    """One id per character, enough for modules that initialise from text (prompt tuning)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+
+def make_backbone(family: str, layers: int = 2, seed: int = 0, hidden: int = 32, ffn: int = 64, heads: int = 4,
+                  attn: str | None = None):
+    """A tiny random BERT (``encoder``) or Llama (``causal``) wrapped like a loaded backbone, no files."""
+    import types
+
+    import torch
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "encoder":
+        m = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn))
+    if attn:
+        m.set_attn_implementation(attn)
+    m.eval().requires_grad_(False)
+    return types.SimpleNamespace(model=m, family=family, tokenizer=StandInTokenizer(),
+                                 fingerprint=lambda: {"name": family},
+                                 fingerprint_matches=lambda fp: True, describe_mismatch=lambda a, b: "")
+
+
+def batch(B=3, T=7, seed=1):
+    """Random ids ``[B, T]`` and a mask with one right-padded example."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, T - 2:] = 0
+    return ids, mask
+
+
+def bank_with(family, mtype, cfg, n=1, layers=2, attn=None):
+    """A bank on a tiny backbone with ``n`` perturbed modules ``m0..`` of one type."""
+    from mtpeft.bank import ModuleBank
+
+    bank = ModuleBank(make_backbone(family, layers=layers, attn=attn))
+    for i in range(n):
+        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
+        perturb(bank, f"m{i}", seed=i)
+    return bank

@@ -6,13 +6,11 @@ type's mechanics checked against a reference built from plain forward hooks on a
 backbone: (IA)3 scales the key/value
 outputs and the FFN output layer's input; KronA adds ``x (s A kron B)^T`` with the product materialised.
 """
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from conftest import bank_with, batch, make_backbone, perturb
 
 from mtpeft import kernels
 from mtpeft.bank import ModuleBank
@@ -29,36 +27,6 @@ TYPES = [
     ("krona", {"a_out": 4, "a_in": 8, "alpha": 2.0}),
 ]
 IDS = ["ia3", "ia3-no-ff", "krona", "krona-4x8"]
-VOCAB = 100
-
-
-def make_backbone(family: str, layers: int = 2, seed: int = 0, hidden: int = 32, ffn: int = 64, heads: int = 4):
-    torch.manual_seed(seed)
-    if family == "encoder":
-        m = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                 num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64))
-    else:
-        m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                         num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn))
-    m.eval().requires_grad_(False)
-    return types.SimpleNamespace(model=m, family=family, fingerprint=lambda: {"name": family},
-                                 fingerprint_matches=lambda fp: True, describe_mismatch=lambda a, b: "")
-
-
-def batch(B=3, T=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, T - 2:] = 0  # one right-padded example
-    return ids, mask
-
-
-def bank_with(family, mtype, cfg, n=1, layers=2):
-    bank = ModuleBank(make_backbone(family, layers=layers))
-    for i in range(n):
-        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
-        perturb(bank, f"m{i}", seed=i)
-    return bank
 
 
 def out(bank, ids, mask, routing=None):

@@ -5,13 +5,12 @@ batches, growing) are in test_modules_matrix.py. Here: config fields, finalize, 
 position and prefix mechanics the types rely on, checked against reference computations with the
 bare transformers models.
 """
-import types
 from dataclasses import fields
 
 import pytest
 import torch
-from conftest import perturb
-from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM
+from conftest import VOCAB, StandInTokenizer, bank_with, batch, make_backbone, perturb
+from transformers import DynamicCache
 
 from mtpeft import kernels
 from mtpeft.bank import ModuleBank
@@ -29,49 +28,11 @@ TYPES = [
     ("mam", {"prefix_tokens": 3, "prefix_hidden": 16, "adapter_r": 8}),
 ]
 IDS = ["prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-mlp", "mam"]
-VOCAB = 100
-
-
-class _Tok:
-    """A stand-in tokenizer: one id per character."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
-
-
-def make_backbone(family: str, layers: int = 2, attn: str = "sdpa", seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "encoder":
-        m = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64))
-    else:
-        m = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64))
-    m.set_attn_implementation(attn)
-    m.eval().requires_grad_(False)
-    return types.SimpleNamespace(model=m, family=family, tokenizer=_Tok(), fingerprint=lambda: {"name": family},
-                                 fingerprint_matches=lambda fp: True, describe_mismatch=lambda a, b: "")
-
-
-def batch(B=3, T=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, T - 2:] = 0  # one right-padded example
-    return ids, mask
 
 
 def real(out):
     """The outputs at real-token positions (the scorer drops the first n_virtual)."""
     return out.output[:, out.n_virtual:]
-
-
-def bank_with(family, mtype, cfg, n=1, attn="sdpa", layers=2):
-    bank = ModuleBank(make_backbone(family, layers=layers, attn=attn))
-    for i in range(n):
-        bank.add(f"m{i}", mtype, dict(cfg), seed=i)
-        perturb(bank, f"m{i}", seed=i)
-    return bank
 
 
 needs = pytest.mark.parametrize("family", FAMILIES)
@@ -212,7 +173,7 @@ def test_prompt_init_from_text():
     bank = ModuleBank(bb)
     bank.add("p", "prompt", {"n_tokens": 5, "init_text": "ab"})
     P = bank.module_parameters("p")["<input>.prompt"]
-    ids = torch.tensor(_Tok()("ab")["input_ids"] * 3)[:5]
+    ids = torch.tensor(StandInTokenizer()("ab")["input_ids"] * 3)[:5]
     torch.testing.assert_close(P, bb.model.get_input_embeddings().weight[ids])
     bank.backbone.tokenizer = None
     with pytest.raises(MtpeftError, match="tokenizer"):

@@ -1,0 +1,170 @@
+"""Render the README's benchmark tables from ``benchmarks/results/*.json``.
+
+    python benchmarks/report.py            # print the markdown
+    python benchmarks/report.py --readme   # rewrite the block between the results markers in README.md
+
+Every number in the README's Results section comes from here, so re-running the benchmarks and
+then this script keeps the two in step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"report: {p} is not valid JSON ({e}); re-run its benchmark") from e
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def experts_table(d: dict) -> list[str]:
+    cfg = d["config"]
+    out = [
+        (f"**Accuracy: one LoRA expert per built-in task on MiniLM, task-id routing, whole test splits** "
+        f"(`experts_minilm_lora.json`; r=8 on q,v, ≤{cfg['max_train']} training examples, "
+        f"≤{cfg['max_steps']} steps of {cfg['batch_size']}, lr {cfg['lr']}, best validation kept). "
+        f"Expert beats the bare backbone on {d['expert_beats_zero_shot']} tasks."),
+        "",
+        "| task | test n | labels | majority % | zero-shot % | LoRA expert % | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        out.append(f"| `{r['task']}` | {r['n']} | {r['labels']} | {_pct(r['majority'])} | "
+                   f"{_pct(r['zero_shot'])} | **{_pct(r['expert'])}** | {r['train_s']:.0f} |")
+    return out
+
+
+def train_table(runs: list[dict]) -> list[str]:
+    out = [
+        ("**Training step vs peft** (`train_step*.json`; forward + backward + Adam, median of "
+        "interleaved rounds; the floor is the frozen backbone's forward plus an input-gradient "
+        "backward, with the virtual tokens for prompt tuning):"),
+        "",
+        ("| backbone, batch | module | mtpeft ms | peft ms | floor ms | mtpeft / peft | mtpeft / floor "
+        "| peak MiB mtpeft / peft |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in runs:
+        c = d["config"]
+        for r in d["rows"]:
+            out.append(
+                f"| {c['backbone']}, {c['batch']}×{c['seq']} | {r['type']} | {r['mtpeft_ms']:.0f} | "
+                f"{r['peft_ms']:.0f} | {r['floor_ms']:.0f} | **{r['mtpeft/peft']:.3f}** | "
+                f"{r['mtpeft/floor']:.3f} | {r['mtpeft_peak_mib']:.0f} / {r['peft_peak_mib']:.0f} |")
+    return out
+
+
+def inference_table(d: dict) -> list[str]:
+    c, ms = d["config"], d["ms"]
+    out = [
+        (f"**Inference with E experts in the bank** (`inference.json`; {c['backbone']}, "
+        f"{c['batch']}×{c['seq']} tokens, LoRA r8 on q,v, no grad). Single LoRA (task-id routing) "
+        f"{ms['single_lora']:.0f} ms; one merged model (a bare forward) {ms['merged']:.0f} ms."),
+        "",
+        ("| E | per-token top-2 ms | / single LoRA | / top-2 at E=8 | mixed-task batch ms "
+        "| peft `adapter_names` ms | mtpeft / peft | max abs diff vs peft |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        if "topk_ms" not in r:
+            continue
+        out.append(
+            f"| {r['experts']} | {r['topk_ms']:.0f} | {r['topk/single']:.3f} | {r['topk/topk_E8']:.3f} | "
+            f"{r['mixed_mtpeft_ms']:.0f} | {r['mixed_peft_ms']:.0f} | **{r['mixed_mtpeft/peft']:.3f}** | "
+            f"{r['max_abs_diff_vs_peft']:.1g} |")
+    peaks = d.get("peak_mib", {})
+    if peaks:
+        out += ["", (f"Peak extra memory of a forward: {min(peaks.values()):.0f}–{max(peaks.values()):.0f} MiB "
+                    "across contenders.")]
+    return out
+
+
+def routing_table(d: dict) -> list[str]:
+    c = d["config"]
+    out = [(f"**One routed layer alone** (`routing.json`; {c['d']}×{c['d']} Linear, {c['tokens']} tokens, "
+           f"LoRA r{c['r']}, per-token top-{c['k']}, ms; `auto` is the per-call choice of the cost model):"),
+           "", "| E | base Linear | single LoRA | dense | grouped | auto (picked) | auto / single |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        out.append(f"| {r['experts']} | {r['base_linear']:.1f} | {r['single_lora']:.1f} | {r['routed_dense']:.1f} | "
+                   f"{r['routed_grouped']:.1f} | {r['routed_auto']:.1f} ({r['picked']}) | {r['auto_vs_single']:.2f} |")
+    return out
+
+
+def goals(train_runs: list[dict], inf: dict | None) -> list[str]:
+    out = ["Goals from the issue (goals, not asserts):", ""]
+    for d in train_runs:
+        for r in d["rows"]:
+            ok = "met" if r["mtpeft/peft"] <= 1.0 else "missed"
+            out.append(f"- training step no slower than peft, {d['config']['backbone']} {r['type']}: "
+                       f"{r['mtpeft/peft']:.3f} ({ok})")
+    if inf:
+        for k, v in inf["goals"].items():
+            lhs, op, bound = k.rsplit(" ", 2)
+            ok = v <= float(bound) if op == "<=" else v < float(bound)
+            out.append(f"- `{lhs} {op} {bound}`: {v:.3f} ({'met' if ok else 'missed'})")
+    return out
+
+
+def render() -> str:
+    parts: list[list[str]] = []
+    if (d := _load("experts_minilm_lora")):
+        parts.append(experts_table(d))
+    train = _load("train_step")
+    runs = [x for x in (train, _load("train_step_smollm2")) if x]
+    if runs:
+        parts.append(train_table(runs))
+    inf = _load("inference")
+    if inf:
+        parts.append(inference_table(inf))
+    if (d := _load("routing")):
+        parts.append(routing_table(d))
+    parts.append(goals(runs, inf))
+    return "\n\n".join("\n".join(p) for p in parts)
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    src = readme.read_text()
+    if START not in src or END not in src:
+        raise SystemExit(f"report: README.md lacks the markers {START} / {END}; add them around the results")
+    head, rest = src.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{text}\n{END}{tail}"
+    fd, tmp = tempfile.mkstemp(dir=ROOT, prefix=".README.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--readme", action="store_true", help="rewrite README.md's results block in place")
+    a = p.parse_args(argv)
+    text = render()
+    if a.readme:
+        write_readme(text)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
