@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +209,8 @@ class ModuleBank(nn.Module):
             raise MtpeftError(f"module type {module_type!r} takes a {mtype.config_cls.__name__}, "
                               f"got {type(config).__name__}")
         key = f"{module_type}:" + hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-        gen = torch.Generator().manual_seed(seed * 100003 + len(self.records))
+        # The init depends on (seed, name) only, not on what the bank already holds.
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         group = self.groups.get(key)
         if group is None:
             group = Group(key, mtype, config, sites=self._install(key, mtype, config))

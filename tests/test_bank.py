@@ -163,3 +163,22 @@ def test_merge_requires_mergeable_and_unmerge_restores(tiny_backbone):
     bank.unmerge("m0")
     with bank.disabled():
         assert torch.allclose(bank(ids, mask).output, bare, atol=1e-5)
+
+
+def test_init_depends_on_seed_and_name_not_on_what_the_bank_holds(tiny_backbone):
+    from mtpeft.backbone import load_backbone
+
+    a, b = ModuleBank(tiny_backbone), ModuleBank(load_backbone(tiny_backbone.name, seed=0))
+    b.add("first", "lora")
+    b.add("other", "ia3")
+    for bank in (a, b):
+        bank.add("x", "lora", {"r": 4}, seed=3)
+    pa, pb = a.module_parameters("x"), b.module_parameters("x")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+    a.add("y", "lora", {"r": 4}, seed=4)
+    a.add("x2", "lora", {"r": 4}, seed=3)
+    A = next(k for k in pa if k.endswith("lora_A"))
+    assert not torch.equal(a.module_parameters("y")[A], pa[A])   # another seed, another draw
+    assert not torch.equal(a.module_parameters("x2")[A], pa[A])  # another name, another draw
