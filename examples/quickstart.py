@@ -1,7 +1,7 @@
 """Quickstart (`make demo`): the bare MiniLM zero-shot on real tasks, then one LoRA expert per task.
 
 Everything runs offline on the shipped backbone and data, on CPU, in a few minutes. The run's settings
-are configs/quickstart-lora.json, the same file `mtpeft train --config` takes. Prints a table and
+are configs/quickstart-lora.yaml, the same file `mtpeft train --config` takes. Prints a table and
 writes the bank to runs/quickstart-bank (inspect it with `mtpeft bank ls runs/quickstart-bank`).
 """
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 from mtpeft import TrainConfig, expert_vs_zero_shot, load_builtin
 from mtpeft.api import new_bank, parse_options
-from mtpeft.cli import table
-from mtpeft.io import read_json
+from mtpeft.cli import load_run_config, table
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart-lora.json"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart-lora.yaml"
 
 
 def main(argv=None):
@@ -28,7 +27,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/quickstart-bank")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    conf = read_json(args.config, what="run config")
+    conf = load_run_config(args.config)
     tasks = args.tasks or conf["tasks"]
     max_examples = args.max_examples or conf.get("max_examples")
     module = conf.get("module", "lora")

@@ -75,27 +75,29 @@ TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks"
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
 
 
+def load_run_config(path: str | Path) -> dict:
+    """A run file (JSON, or YAML for .yaml/.yml) for `mtpeft train --config`, checked key by key."""
+    from .io import read_config
+
+    conf = read_config(path, what="run config")
+    if not isinstance(conf, dict):
+        raise MtpeftError(f"run config {path} must hold a mapping (a JSON object / YAML mapping) with keys among "
+                          f"{', '.join(TRAIN_CONFIG_KEYS)}")
+    unknown = sorted(set(conf) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise MtpeftError(f"run config {path} has unknown key(s) {unknown}; known: {', '.join(TRAIN_CONFIG_KEYS)}")
+    if not isinstance(conf.get("options", {}), dict):
+        raise MtpeftError(f"run config {path}: 'options' must be a mapping, e.g. {{\"r\": 8}}")
+    for key in ("tasks", "task_files"):
+        v = conf.get(key, [])
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise MtpeftError(f"run config {path}: {key!r} must be a list of strings")
+    return conf
+
+
 def _apply_train_config(args) -> None:
     """Fill ``args`` from --config then the defaults, for every setting not given on the command line."""
-    from .io import read_json
-
-    conf = {}
-    if args.config is not None:
-        conf = read_json(args.config, what="run config")
-        if not isinstance(conf, dict):
-            raise MtpeftError(f"run config {args.config} must hold a JSON object with keys among "
-                              f"{', '.join(TRAIN_CONFIG_KEYS)}")
-        unknown = sorted(set(conf) - set(TRAIN_DEFAULTS))
-        if unknown:
-            raise MtpeftError(f"run config {args.config} has unknown key(s) {unknown}; known: "
-                              f"{', '.join(TRAIN_CONFIG_KEYS)}")
-        for key in ("options",):
-            if not isinstance(conf.get(key, {}), dict):
-                raise MtpeftError(f"run config {args.config}: {key!r} must be an object, e.g. {{\"r\": 8}}")
-        for key in ("tasks", "task_files"):
-            v = conf.get(key, [])
-            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                raise MtpeftError(f"run config {args.config}: {key!r} must be a list of strings")
+    conf = load_run_config(args.config) if args.config is not None else {}
     for key, default in TRAIN_DEFAULTS.items():
         if key not in ("options", "tasks", "task_files") and getattr(args, key) is None:  # not given as a flag
             setattr(args, key, conf.get(key, default))

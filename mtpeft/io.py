@@ -66,6 +66,22 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise MtpeftError(f"{what} {path} is not valid JSON ({e}); restore it or re-create it") from e
 
 
+def read_config(path: str | Path, what: str = "config") -> Any:
+    """A JSON file, or YAML for ``.yaml`` / ``.yml`` (safe loading only: plain data, no objects)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        return read_json(path, what)
+    import yaml
+
+    if not path.is_file():
+        raise MtpeftError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MtpeftError(f"{what} {path} is not valid YAML ({e}); fix the line named above") from e
+
+
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """Write tensors as safetensors, atomically."""
     from safetensors.torch import save_file

@@ -659,13 +659,13 @@ def test_shipped_configs_are_valid(capsys):
     from pathlib import Path
 
     from mtpeft.api import parse_options
-    from mtpeft.cli import TRAIN_CONFIG_KEYS
+    from mtpeft.cli import TRAIN_CONFIG_KEYS, load_run_config
     from mtpeft.suite import builtin_names
 
-    paths = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
+    paths = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.y*ml"))
     assert paths
     for p in paths:
-        conf = json.loads(p.read_text())
+        conf = load_run_config(p)
         assert set(conf) <= set(TRAIN_CONFIG_KEYS), p
         assert set(conf.get("tasks", [])) <= set(builtin_names()), p
         parse_options(conf.get("module", "lora"), [f"{k}={json.dumps(v)}" for k, v in conf.get("options", {}).items()])
@@ -673,9 +673,9 @@ def test_shipped_configs_are_valid(capsys):
 
 @pytest.mark.parametrize("content, problem", [
     ("{not json", "not valid JSON"),
-    ("[1, 2]", "must hold a JSON object"),
+    ("[1, 2]", "must hold a mapping"),
     ('{"learning_rate": 0.1}', "unknown key(s) ['learning_rate']"),
-    ('{"options": [1]}', "'options' must be an object"),
+    ('{"options": [1]}', "'options' must be a mapping"),
     ('{"tasks": "bbc_topic"}', "'tasks' must be a list of strings"),
 ])
 def test_bad_config_files(capsys, tmp_path, content, problem):
@@ -723,3 +723,30 @@ def test_broken_pipe_is_quiet():
                        env={**__import__('os').environ, "PROG": prog}, timeout=120, check=False)
     assert p.stdout.startswith("row"), p
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_yaml_run_file_equals_the_json_one(capsys, tmp_path, files):
+    conf = {"backbone": "tiny-bert", "module": "lora", "options": {"r": 2}, "task_files": [f"toy={files['csv']}"],
+            "max_steps": 2, "batch_size": 8, "seed": 1}
+    import yaml
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(conf))
+    write_config(tmp_path / "run.json", **conf)
+    a = run_json(capsys, "train", "--config", tmp_path / "run.yaml", "--out", tmp_path / "a")
+    b = run_json(capsys, "train", "--config", tmp_path / "run.json", "--out", tmp_path / "b")
+    strip = [{k: v for k, v in r.items() if k not in ("train_s", "train_seconds", "bank")} for r in (a["results"][0], b["results"][0])]
+    assert strip[0] == strip[1]
+    assert read_manifest_json(tmp_path / "a")["modules"][0]["config"]["r"] == 2
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("tasks: [a, b\n", "not valid YAML"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+    ("!!python/object:os.system {}\n", "not valid YAML"),  # safe loading: no objects
+])
+def test_bad_yaml_run_files(capsys, tmp_path, content, problem):
+    conf = tmp_path / "run.yml"
+    conf.write_text(content)
+    msg = error_of(capsys, "train", "--config", conf, "--out", tmp_path / "b")
+    assert problem in msg and str(conf) in msg
+    assert not (tmp_path / "b").exists()
