@@ -40,28 +40,6 @@ each_type = pytest.mark.parametrize("mtype,cfg", TYPES, ids=IDS)
 
 
 # ---- per-token routing -------------------------------------------------------------------------
-@needs
-@each_type
-@pytest.mark.parametrize("k", [1, 2])
-def test_per_token_dense_equals_grouped(family, mtype, cfg, k, monkeypatch):
-    bank = bank_with(family, mtype, cfg, n=5)
-    bank.freeze()
-    ids, mask = batch()
-    r = Routing.topk(torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(2)), k)
-    with torch.no_grad():
-        dense = out(bank, ids, mask, r)
-        monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
-        grouped = out(bank, ids, mask, r)
-        assert (dense - out(bank, ids, mask, None)).abs().max() > 1e-3
-    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
-    # per-token routing that is constant over the tokens == per-example routing
-    w = torch.rand(3, 5)
-    with torch.no_grad():
-        tok = out(bank, ids, mask, Routing(w[:, None].expand(3, 7, 5).contiguous()))
-        ex = out(bank, ids, mask, Routing(w))
-    torch.testing.assert_close(tok, ex, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("mtype,bad", [
     ("pfeiffer", {"activation": "softmax"}), ("parallel", {"placement": "middle"}),
     ("scaled_parallel", {"scale": 0.0}), ("houlsby", {"scale": -1.0}),

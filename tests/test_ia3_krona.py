@@ -53,28 +53,6 @@ def test_krona_merged_plus_routed_equals_both_routed(family):
     torch.testing.assert_close(merged_plus, both, atol=1e-5, rtol=1e-5)
 
 
-@needs
-@each_type
-@pytest.mark.parametrize("k", [1, 2])
-def test_per_token_dense_equals_grouped(family, mtype, cfg, k, monkeypatch):
-    bank = bank_with(family, mtype, cfg, n=5)
-    bank.freeze()
-    ids, mask = batch()
-    r = Routing.topk(torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(2)), k)
-    with torch.no_grad():
-        dense = out(bank, ids, mask, r)
-        monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)
-        grouped = out(bank, ids, mask, r)
-    assert (dense - out(bank, ids, mask)).abs().max() > 1e-3
-    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
-    # per-token routing that is constant over the tokens == per-example routing
-    w = torch.rand(3, 5)
-    with torch.no_grad():
-        tok = out(bank, ids, mask, Routing(w[:, None].expand(3, 7, 5).contiguous()))
-        ex = out(bank, ids, mask, Routing(w))
-    torch.testing.assert_close(tok, ex, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("mtype,bad", [
     ("ia3", {"feedforward_modules": "down_proj"}),
     ("ia3", {"feedforward_modules": [3]}),

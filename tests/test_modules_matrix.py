@@ -337,6 +337,36 @@ def test_mixed_batch_equals_per_task(case, tiny_backbone):
                                    bank(ids, mask, routing=Routing(dense)).output, atol=1e-5, rtol=0)
 
 
+# ---- per-token routing -----------------------------------------------------------------------
+@each_case
+@pytest.mark.parametrize("k", [1, 2])
+def test_per_token_routing(case, tiny_backbone, k, monkeypatch):
+    """Per-token top-k: the dense pass over all experts == grouping tokens by expert, and routing that is
+    the same for every token == per-example routing. Input-level types (virtual tokens) refuse it clearly."""
+    from mtpeft import kernels
+    from mtpeft.io import MtpeftError
+
+    bank = bank_of(tiny_backbone, case, n=5)
+    ids, mask = inputs(tiny_backbone)
+    B, T = ids.shape
+    r = Routing.topk(torch.randn(B, T, 5, generator=torch.Generator().manual_seed(2)), k)
+    if case.type in ("prompt", "ptuning", "prefix", "mam"):
+        with pytest.raises(MtpeftError, match="per example"), torch.no_grad():
+            bank(ids, mask, routing=r)
+        return
+    with torch.no_grad():
+        dense = bank(ids, mask, routing=r).output
+        monkeypatch.setattr(kernels, "DENSE_TOKEN_MAX_EXPERTS", 0)  # every stack takes the grouped path
+        grouped = bank(ids, mask, routing=r).output
+        assert_differs(dense, bank(ids, mask, routing=Routing.one_hot([0] * B)).output, "per-token vs module 0")
+    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
+    w = torch.rand(B, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tok = bank(ids, mask, routing=Routing(w[:, None].expand(B, T, 5).contiguous())).output
+        ex = bank(ids, mask, routing=Routing(w)).output
+    torch.testing.assert_close(tok, ex, atol=1e-5, rtol=0)
+
+
 # ---- growing ---------------------------------------------------------------------------------
 @each_case
 def test_growing_leaves_outputs_unchanged(case, tiny_backbone):
