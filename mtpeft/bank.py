@@ -74,11 +74,19 @@ class BankOutput:
 
     ``n_virtual`` positions were prepended by input-level modules (prompts) before the real tokens.
     Prefix modules add keys and values inside attention, not positions: they do not count here.
+
+    With ``use_cache=True`` (causal LMs) also: ``cache``, the keys and values of every position the
+    model attended to (prefixes, virtual tokens, the input); ``cache_mask`` ``[B, cache length]``, which
+    of them are real; ``next_positions`` ``[B]``, the position id each example's next token takes.
+    Pass ``cache=out.cache`` (or ``past_key_values=``) to continue: input-level modules are then not applied again.
     """
 
     output: Tensor
     attention_mask: Tensor
     n_virtual: int = 0
+    cache: Any = None
+    cache_mask: Tensor | None = None
+    next_positions: Tensor | None = None
 
 
 class BankedLinear(nn.Module):
@@ -443,11 +451,54 @@ class ModuleBank(nn.Module):
             with self.route(routing):
                 return self.forward(input_ids, attention_mask, **kwargs)
         r = self.state.routing
-        used = self._input_level_routing(r)
+        kwargs = self._cache_kwargs(kwargs)
+        past = kwargs.get(self._cache_arg)
+        continuing = past is not None and past.get_seq_length() > 0
+        # A continuation: the input-level modules' virtual tokens and prefixes are already in the cache.
+        used = [] if continuing else self._input_level_routing(r)
         if not used:
             out = self._body()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return BankOutput(out.last_hidden_state, attention_mask, 0)
+            res = BankOutput(out.last_hidden_state, attention_mask, 0)
+            if kwargs.get("use_cache") and not continuing and attention_mask.dim() == 2:
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+                res = self._with_cache(res, out, attention_mask, pos, attention_mask)
+            return res
         return self._forward_input_level(input_ids, attention_mask, r, used, kwargs)
+
+    @staticmethod
+    def _with_cache(res: BankOutput, out, cache_mask: Tensor, position_ids: Tensor, real_mask: Tensor) -> BankOutput:
+        """``res`` plus what a continuation needs: the cache, its mask, each example's next position id."""
+        T = real_mask.shape[1]
+        pos = position_ids[:, -T:]
+        nxt = torch.where(real_mask.bool(), pos, torch.full_like(pos, -1)).max(1).values + 1
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return BankOutput(res.output, res.attention_mask, res.n_virtual, cache, cache_mask, nxt)
+
+    @property
+    def _cache_arg(self) -> str:
+        """The name the backbone's forward takes a key/value cache by (``cache`` from transformers 5.2x)."""
+        import inspect
+
+        arg = getattr(self, "_cache_arg_name", None)
+        if arg is None:
+            params = inspect.signature(self._body().forward).parameters
+            arg = self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
+        return arg
+
+    def _cache_kwargs(self, kwargs: dict) -> dict:
+        """Accept a cache as ``cache=`` or ``past_key_values=`` and pass it on under the backbone's name."""
+        given = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
+        if not given:
+            return kwargs
+        if len(given) > 1:
+            raise MtpeftError("give the key/value cache once, as cache= or past_key_values=, not both")
+        kwargs = dict(kwargs)
+        value = kwargs.pop(given[0])
+        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        kwargs[self._cache_arg] = value
+        return kwargs
 
     def _body(self) -> nn.Module:
         return self.model.get_decoder() if self.family == "causal" else self.model
@@ -492,8 +543,9 @@ class ModuleBank(nn.Module):
         model_mask = attention_mask
         prefixes = [(stack, local) for stack, local in used if hasattr(stack, "prefix_kv")]
         if prefixes:
-            if kwargs.get("past_key_values") is not None:
-                raise MtpeftError("prefix modules fill past_key_values themselves; do not pass a cache with them")
+            if kwargs.get(self._cache_arg) is not None:
+                raise MtpeftError("prefix modules fill the key/value cache (past_key_values) themselves; do not pass an empty cache with "
+                                  "them (a cache that already holds positions continues it, modules not re-applied)")
             from transformers import DynamicCache
 
             keys, values, masks = [], [], []
@@ -507,7 +559,7 @@ class ModuleBank(nn.Module):
             for layer in range(len(keys[0])):
                 cache.update(torch.cat([k[layer] for k in keys], dim=2),
                              torch.cat([v[layer] for v in values], dim=2), layer)
-            kwargs["past_key_values"] = cache
+            kwargs[self._cache_arg] = cache
             model_mask = torch.cat(masks + [attention_mask], dim=1)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         if self.family == "encoder" and max_pos and int(position_ids.max()) >= max_pos:
@@ -520,11 +572,18 @@ class ModuleBank(nn.Module):
         finally:
             if n_virtual and r.per_token:
                 self.state.routing, self.state.local = r, {}
-        return BankOutput(out.last_hidden_state, attention_mask, n_virtual)
+        res = BankOutput(out.last_hidden_state, attention_mask, n_virtual)
+        if kwargs.get("use_cache"):
+            res = self._with_cache(res, out, model_mask, position_ids, attention_mask[:, n_virtual:])
+        return res
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @property
     def lm_head(self) -> nn.Module:
