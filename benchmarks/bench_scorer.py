@@ -69,19 +69,19 @@ def main(argv=None) -> int:
         texts = task.splits["test"]["text"][: a.batch]
         labels = torch.tensor(task.splits["test"]["label"][: a.batch])
 
-        def infer(f):
+        def infer(f, texts=texts, task=task):
             def run():
                 with torch.no_grad():
                     return f(scorer, bank, texts, task, routing)
             return run
 
-        def train(f):
+        def train(f, texts=texts, task=task, labels=labels):
             def run():
                 bank.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(f(scorer, bank, texts, task, routing), labels).backward()
             return run
 
-        packed = lambda s, b, t, k, r: s.logits(b, t, k, r)  # noqa: E731
+        packed = lambda s, b, t, k, r: s.logits(b, t, k, r)
         with torch.no_grad():
             diff = (packed(scorer, bank, texts, task, routing) - flat_logits(scorer, bank, texts, task, routing))
         contenders = {f"{name}_infer_packed": infer(packed), f"{name}_infer_flat": infer(flat_logits),

@@ -20,6 +20,14 @@ def test_minilm_zero_shot_beats_majority_on_bbc_topic(capsys):
     assert row["accuracy"] > row["majority"] + 0.3, row  # DATA.md: about 0.80 with "news about {label}"
 
 
+def test_smollm2_zero_shot_rank_classification_beats_majority_on_bbc_topic(capsys):
+    """The causal LM scored by label log-likelihood (prompt once, labels packed), capped to 40 examples."""
+    assert main(["zero-shot", "--backbone", "smollm2", "--task", "bbc_topic", "--max-examples", "40", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    assert row["n"] == 40
+    assert row["accuracy"] > row["majority"] + 0.25, row  # 0.72 vs 0.22 on 100 examples
+
+
 @pytest.fixture(scope="module")
 def minilm_bank():
     return new_bank("minilm")

@@ -311,3 +311,32 @@ def test_failed_install_leaves_nothing_behind():
     ids, mask = batch()
     bank(ids, mask, routing=Routing.one_hot([0, 0, 0]))
 
+
+
+def test_continuing_a_cache_equals_one_pass_and_does_not_reapply_modules():
+    """Prompt pass with use_cache, then the rest with cache=: the same hidden states as one pass over
+    the whole sequence; the prefix/prompt modules act once (their positions live in the cache)."""
+    bank = ModuleBank(make_backbone("causal"))
+    bank.add("p", "prompt", {"n_tokens": 2})
+    bank.add("x", "prefix", {"n_tokens": 3})
+    for name in ("p", "x"):
+        perturb(bank, name)
+    bank.freeze()
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    r = Routing(torch.ones(2, 2))
+    with torch.no_grad():
+        whole = bank(ids, torch.ones_like(ids), routing=r)
+        first = bank(ids[:, :6], torch.ones(2, 6, dtype=torch.long), routing=r, use_cache=True)
+        assert first.cache_mask.shape == (2, 3 + 2 + 6) and first.next_positions.tolist() == [11, 11]
+        mask = torch.cat([first.cache_mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+        pos = first.next_positions[:, None] + torch.arange(3)
+        rest = bank(ids[:, 6:], mask, routing=r, cache=first.cache, position_ids=pos)
+    assert rest.n_virtual == 0
+    torch.testing.assert_close(rest.output, whole.output[:, whole.n_virtual + 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_given_twice_is_refused():
+    bank = ModuleBank(make_backbone("causal"))
+    ids, mask = batch()
+    with pytest.raises(MtpeftError, match="once"):
+        bank(ids, mask, cache=DynamicCache(), past_key_values=DynamicCache())
