@@ -56,30 +56,27 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise MtpeftError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MtpeftError(f"{what} {path} is not valid JSON ({e}); restore it or re-create it") from e
+    return _read_data(path, what, "JSON", json.load, (json.JSONDecodeError,), "restore it or re-create it")
 
 
 def read_config(path: str | Path, what: str = "config") -> Any:
     """A JSON file, or YAML for ``.yaml`` / ``.yml`` (safe loading only: plain data, no objects)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".yaml", ".yml"):
+    if Path(path).suffix.lower() not in (".yaml", ".yml"):
         return read_json(path, what)
     import yaml
 
+    return _read_data(path, what, "YAML", yaml.safe_load, (yaml.YAMLError,), "fix the line named above")
+
+
+def _read_data(path, what: str, fmt: str, parse, errors: tuple, fix: str) -> Any:
+    path = Path(path)
     if not path.is_file():
         raise MtpeftError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MtpeftError(f"{what} {path} is not valid YAML ({e}); fix the line named above") from e
+            return parse(f)
+    except (*errors, UnicodeDecodeError) as e:
+        raise MtpeftError(f"{what} {path} is not valid {fmt} ({e}); {fix}") from e
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
