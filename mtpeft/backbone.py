@@ -16,6 +16,7 @@ backbone.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -206,12 +207,27 @@ def load_backbone(name: str = "minilm", *, seed: int = 0) -> Backbone:
 
 
 def _from_pretrained(auto, path, **kw):
+    with _quiet_loading():
+        try:
+            return auto.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa", **kw)
+        except (ValueError, ImportError) as e:
+            if "sdpa" not in str(e).lower() and "attn" not in str(e).lower():
+                raise
+            return auto.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager", **kw)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor "Loading weights" bar for a local load of a second or less; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        return auto.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa", **kw)
-    except (ValueError, ImportError) as e:
-        if "sdpa" not in str(e).lower() and "attn" not in str(e).lower():
-            raise
-        return auto.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager", **kw)
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _load_minilm() -> Backbone:
