@@ -33,7 +33,7 @@ bench: setup  # each script writes benchmarks/results/<name>.json; `make bench B
 	$(PY) benchmarks/bench_kernels.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_routing.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
-	$(PY) benchmarks/bench_train.py --backbone smollm2 --batch 4 --seq 64 --types lora $(BENCH_ARGS)
+	$(PY) benchmarks/bench_train.py --backbone smollm2 --batch 4 --seq 64 $(BENCH_ARGS)
 	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_scorer.py $(BENCH_ARGS)
 	$(PY) benchmarks/report.py --readme

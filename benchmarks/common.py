@@ -10,7 +10,8 @@ when it starts (activations, gradients, temporaries; not the weights already res
 - CPU: the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
   the resident set at the start. So that freed tensors go back to the OS rather than to malloc's
   free lists (which would hide a later call's allocations), ``use_mmap_for_tensors()`` makes glibc
-  serve every allocation above 64 KiB with mmap; call it once at startup (the benchmarks do).
+  serve every allocation above 64 KiB with mmap, only while ``peak_mib`` measures a call: timings run
+  with tensors from the heap (an mmap per tensor adds page faults that inflate and scatter them).
   Where ``/proc`` is missing (not Linux), ``ru_maxrss`` deltas are the fallback (coarser: a call
   that stays under an earlier call's peak reads 0).
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HEAP_THRESHOLD = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 _LIBC = None
 
 
@@ -43,17 +45,18 @@ def add_common_args(p: argparse.ArgumentParser, repeats: int = 7, warmup: int = 
 def setup_threads(a: argparse.Namespace) -> None:
     n = a.threads or os.cpu_count() or 1
     torch.set_num_threads(n)
-    use_mmap_for_tensors()
 
 
 def interleaved(contenders: dict, repeats: int = 15, warmup: int = 3) -> dict[str, float]:
-    """Median wall time in ms of each contender, run round-robin so drifts hit all alike."""
+    """Median wall time in ms of each contender, run round-robin so drifts hit all alike; each round
+    starts one contender later, so no contender always follows the same one (allocator and cache state)."""
     for _ in range(warmup):
         for f in contenders.values():
             f()
+    items = list(contenders.items())
     times = {k: [] for k in contenders}
-    for _ in range(repeats):
-        for k, f in contenders.items():
+    for r in range(repeats):
+        for k, f in items[r % len(items):] + items[: r % len(items)]:
             t = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t) * 1000)
@@ -102,12 +105,17 @@ def peak_mib(f) -> float:
         f()
         torch.cuda.synchronize()
         return round((torch.cuda.max_memory_allocated() - start) / 2**20, 1)
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    if _reset_hwm() and _proc_kib("VmRSS") is not None:
-        before = _proc_kib("VmRSS")
-        f()
-        return round(max(0, _proc_kib("VmHWM") - before) / 1024, 1)
+    mmap = use_mmap_for_tensors()  # during this call only (see the module doc)
+    try:
+        if mmap:
+            _LIBC.malloc_trim(0)
+        if _reset_hwm() and _proc_kib("VmRSS") is not None:
+            before = _proc_kib("VmRSS")
+            f()
+            return round(max(0, _proc_kib("VmHWM") - before) / 1024, 1)
+    finally:
+        if mmap:  # back to what glibc's adaptive threshold settles at: tensors from the heap, as when timing
+            use_mmap_for_tensors(HEAP_THRESHOLD)
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

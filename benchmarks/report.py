@@ -109,6 +109,14 @@ def routing_table(d: dict) -> list[str]:
     return out
 
 
+def chooser_line(d: dict) -> list[str]:
+    s = d["summary"]
+    return [(f"The dense/grouped chooser (`kernel_threshold.json`, {len(d['config']['shapes'])} stack shapes × "
+            f"{len(d['config']['experts'])} bank sizes × {len(d['config']['tokens'])} token counts) picks the faster "
+            f"path in {s['picks_right']} cases; mean regret {s['mean_regret']:.1%}, worst {s['worst_regret']:.0%} "
+            "(where the two paths are close, run-to-run noise decides).")]
+
+
 def scorer_table(d: dict) -> list[str]:
     out = [("**Causal rank classification** (`scorer_smollm2.json`; SmolLM2 with a LoRA routed per example, "
             f"batch {d['config']['batch']}, ms): mtpeft runs the prompts once and packs every label of an example "
@@ -153,6 +161,8 @@ def render() -> str:
         parts.append(inference_table(inf))
     if (d := _load("routing")):
         parts.append(routing_table(d))
+    if (d := _load("kernel_threshold")):
+        parts.append(chooser_line(d))
     if (d := _load("scorer_smollm2")):
         parts.append(scorer_table(d))
     parts.append(goals(runs, inf))

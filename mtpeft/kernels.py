@@ -112,6 +112,9 @@ def routed_delta(stack, x: Tensor, local: LocalRouting, path: str | None = None)
     """The stack's routed output for the source ``x``. ``path`` ("dense"/"grouped") forces the
     per-token path (benchmarks); None lets ``token_path`` choose."""
     if not local.per_token:
+        single = getattr(stack, "single", None)
+        if single is not None and local.single_expert is not None:  # one expert for all: plain matmuls
+            return single(x, local.single_expert)
         idx, w = _sparsify_rows(local.indices, local.weights)
         if x.dim() == 2:  # [B, d]: a single position per example
             return stack.per_example(x[:, None], idx, w.to(x.dtype), local.mix)[:, 0]

@@ -7,6 +7,7 @@ the modules' outputs (a mixture of experts) and mixing their parameters (Poly/MH
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,17 @@ class Routing:
     @property
     def per_token(self) -> bool:
         return self.weights.dim() == 3
+
+    @functools.cached_property
+    def single_expert(self) -> int | None:
+        """The one expert every example goes to wholly (weight 1), as in task-id training; else None.
+        Worked out once per forward and group (the bank caches its LocalRouting), read at every site."""
+        if self.per_token or self.weights.shape[-1] != 1 or self.weights.shape[0] == 0:
+            return None
+        idx = self.indices[:, 0]
+        if not bool((self.weights == 1).all()) or not bool((idx == idx[0]).all()):
+            return None
+        return int(idx[0])
 
     @property
     def batch_size(self) -> int:
@@ -102,6 +114,17 @@ class LocalRouting:
     @property
     def per_token(self) -> bool:
         return self.weights.dim() == 3
+
+    @functools.cached_property
+    def single_expert(self) -> int | None:
+        """The one expert every example goes to wholly (weight 1), as in task-id training; else None.
+        Worked out once per forward and group (the bank caches its LocalRouting), read at every site."""
+        if self.per_token or self.weights.shape[-1] != 1 or self.weights.shape[0] == 0:
+            return None
+        idx = self.indices[:, 0]
+        if not bool((self.weights == 1).all()) or not bool((idx == idx[0]).all()):
+            return None
+        return int(idx[0])
 
 
 def localize(routing: Routing, global_ids: Tensor, num_modules: int) -> LocalRouting | None:

@@ -238,3 +238,33 @@ def test_dense_and_grouped_paths_agree_for_every_linear_stack(kind, skewed):
     grouped = kernels.routed_delta(st, x, local, path="grouped")
     assert dense.abs().max() > 1e-3
     torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "houlsby"])
+def test_one_expert_for_all_takes_plain_matmuls_and_equals_the_batched_path(kind, monkeypatch):
+    """Task-id routing of a whole batch to one expert (training) skips the gather and batched products."""
+    from mtpeft.modules.adapter import AdapterStack, HoulsbyConfig
+
+    st = make_stack(E=4) if kind == "lora" else None
+    if st is None:
+        base = nn.Linear(16, 16)
+        st = AdapterStack(HoulsbyConfig(r=4), base, parallel=False)
+        for _ in range(4):
+            st.add_expert(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for p in st.parameters():
+                p.normal_(0, 0.3)
+    x = torch.randn(3, 5, 16)
+    local = localize(Routing.one_hot([2, 2, 2]), torch.arange(4), 4)
+    assert local.single_expert == 2
+    calls = []
+    monkeypatch.setattr(type(st), "per_example", lambda *a, **k: calls.append(1))
+    fast = kernels.routed_delta(st, x, local)
+    assert not calls  # the batched path was not taken
+    monkeypatch.undo()
+    general = st.per_example(x, local.indices, local.weights, local.mix)
+    torch.testing.assert_close(fast, general, atol=1e-6, rtol=1e-5)
+    # not one expert for all, or not wholly: no fast path
+    assert localize(Routing.one_hot([2, 1, 2]), torch.arange(4), 4).single_expert is None
+    assert localize(Routing(torch.tensor([[0.5], [0.5], [0.5]]), torch.tensor([[2], [2], [2]])),
+                    torch.arange(4), 4).single_expert is None

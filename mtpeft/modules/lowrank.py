@@ -47,6 +47,12 @@ class LowRankStack(LinearStack):
         U = U.permute(0, 1, 3, 2).reshape(B, K * r, -1)  # [B,K*r,d_out]
         return torch.bmm(h, U)
 
+    def single(self, x: Tensor, i: int) -> Tensor:
+        """Expert ``i`` on every example with weight 1: two plain matmuls, no gather or batched product."""
+        e = self.experts[i]
+        down, up = getattr(e, self.down_name), getattr(e, self.up_name)
+        return self._act(self.dropout(x) @ down.t()) @ (up * self.scale).t()
+
     def dense_tokens(self, x: Tensor, w: Tensor) -> Tensor:
         x = self.dropout(x)
         A = self.stacked(self.down_name)  # [E,r,d_in]
