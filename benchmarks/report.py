@@ -114,7 +114,7 @@ def chooser_line(d: dict) -> list[str]:
     return [(f"The dense/grouped chooser (`kernel_threshold.json`, {len(d['config']['shapes'])} stack shapes × "
             f"{len(d['config']['experts'])} bank sizes × {len(d['config']['tokens'])} token counts) picks the faster "
             f"path in {s['picks_right']} cases; mean regret {s['mean_regret']:.1%}, worst {s['worst_regret']:.0%} "
-            "(where the two paths are close, run-to-run noise decides).")]
+            "(it misses where both paths cost about the same, and on small batches over large banks).")]
 
 
 def scorer_table(d: dict) -> list[str]:
