@@ -450,17 +450,18 @@ class ModuleBank(nn.Module):
             out = self._body()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             res = BankOutput(out.last_hidden_state, attention_mask, 0)
             if kwargs.get("use_cache") and not continuing and attention_mask.dim() == 2:
-                pos = kwargs.get("position_ids")
-                if pos is None:
-                    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
-                res = self._with_cache(res, out, attention_mask, pos, attention_mask)
+                res = self._with_cache(res, out, attention_mask, kwargs.get("position_ids"), attention_mask)
             return res
         return self._forward_input_level(input_ids, attention_mask, r, used, kwargs)
 
     @staticmethod
-    def _with_cache(res: BankOutput, out, cache_mask: Tensor, position_ids: Tensor, real_mask: Tensor) -> BankOutput:
-        """``res`` plus what a continuation needs: the cache, its mask, each example's next position id."""
+    def _with_cache(res: BankOutput, out, cache_mask: Tensor, position_ids: Tensor | None,
+                    real_mask: Tensor) -> BankOutput:
+        """``res`` plus what a continuation needs: the cache, its mask, each example's next position id
+        (``position_ids`` None: the backbone's default, 0..T-1)."""
         T = real_mask.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=real_mask.device).expand_as(real_mask)
         pos = position_ids[:, -T:]
         nxt = torch.where(real_mask.bool(), pos, torch.full_like(pos, -1)).max(1).values + 1
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
@@ -484,9 +485,8 @@ class ModuleBank(nn.Module):
             return kwargs
         if len(given) > 1:
             raise MtpeftError("give the key/value cache once, as cache= or past_key_values=, not both")
-        kwargs = dict(kwargs)
-        value = kwargs.pop(given[0])
-        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        value = kwargs[given[0]]
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
         kwargs[self._cache_arg] = value
         return kwargs
 

@@ -34,7 +34,7 @@ from .routing import LocalRouting
 # grouped call. Measured on CPU, fp32, one thread (a shared 2-core machine), by
 # benchmarks/bench_kernels.py, which also fits MOVE_COST and CALL_COST to its timings (``best_fit_constants``
 # in benchmarks/results/kernel_threshold.json): re-fit after a run on the machine that matters.
-# Fit 2026-12 over the 108 measured cases of 6 shapes, heap allocator: 98 right, 20 ms lost in all.
+# Last fit: 2026-12, heap allocator (how it fares: ``summary`` in kernel_threshold.json).
 MOVE_COST = 160.0
 CALL_COST = 1.6e7
 # Efficiency of each stack's products next to one large GEMM (same source):

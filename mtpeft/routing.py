@@ -48,17 +48,6 @@ class Routing:
     def per_token(self) -> bool:
         return self.weights.dim() == 3
 
-    @functools.cached_property
-    def single_expert(self) -> int | None:
-        """The one expert every example goes to wholly (weight 1), as in task-id training; else None.
-        Worked out once per forward and group (the bank caches its LocalRouting), read at every site."""
-        if self.per_token or self.weights.shape[-1] != 1 or self.weights.shape[0] == 0:
-            return None
-        idx = self.indices[:, 0]
-        if not bool((self.weights == 1).all()) or not bool((idx == idx[0]).all()):
-            return None
-        return int(idx[0])
-
     @property
     def batch_size(self) -> int:
         return self.weights.shape[0]

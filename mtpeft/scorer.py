@@ -24,6 +24,13 @@ def _as_list(tasks, n: int) -> list:
     return list(tasks) if isinstance(tasks, (list, tuple)) else [tasks] * n
 
 
+def _distinct(tasks: list) -> tuple[list, Tensor]:
+    """The distinct tasks of a batch, in first-seen order, and each example's index among them ``[B]``."""
+    uniq = list({id(t): t for t in tasks}.values())
+    pos = {id(t): i for i, t in enumerate(uniq)}
+    return uniq, torch.tensor([pos[id(t)] for t in tasks])
+
+
 class EncoderScorer:
     family = "encoder"
 
@@ -63,8 +70,7 @@ class EncoderScorer:
         return (sims / self.temperature).masked_fill(~mask[which], float("-inf"))
 
     def _label_table(self, bank, tasks):
-        uniq = list({id(t): t for t in tasks}.values())
-        pos = {id(t): i for i, t in enumerate(uniq)}
+        uniq, which = _distinct(tasks)
         embs = [self.label_embeddings(bank, t) for t in uniq]
         L = max(e.shape[0] for e in embs)
         table = torch.zeros(len(uniq), L, embs[0].shape[1], device=embs[0].device)
@@ -72,7 +78,7 @@ class EncoderScorer:
         for i, e in enumerate(embs):  # one row per distinct task in the batch
             table[i, : e.shape[0]] = e
             mask[i, : e.shape[0]] = True
-        which = torch.tensor([pos[id(t)] for t in tasks], device=table.device)
+        which = which.to(table.device)
         return table, mask, which
 
 
@@ -140,9 +146,7 @@ class CausalScorer:
         """Each example's label token ids ``[B, L, Tl]`` (right-padded; missing label slots reuse a real
         label and are masked at the end), their lengths ``[B, L]``, which slots are real per distinct
         task ``[U, L]``, and each example's task ``[B]``."""
-        uniq = list({id(t): t for t in tasks}.values())
-        pos = {id(t): i for i, t in enumerate(uniq)}
-        which = torch.tensor([pos[id(t)] for t in tasks])
+        uniq, which = _distinct(tasks)
         lab_ids, lab_len = self._ids([" " + lt for t in uniq for lt in t.label_texts])
         if int(lab_len.min()) < 1:
             raise MtpeftError("a label name tokenises to nothing; give every label a non-empty name")
