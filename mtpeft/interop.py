@@ -84,14 +84,14 @@ def _plain_module_names(model: nn.Module) -> list[str]:
 
 def _linear_layers(bank) -> dict[str, nn.Linear]:
     """Layer path -> the frozen ``nn.Linear`` (the base of a banked layer), heads excluded."""
-    from .bank import BankedLinear, _is_head
+    from .bank import BankedLinear, is_head
 
     out = {}
     for name in _plain_module_names(bank.model):
         m = bank.model.get_submodule(name)
         if isinstance(m, BankedLinear):
             m = m.base
-        if isinstance(m, nn.Linear) and not _is_head(name, bank.family):
+        if isinstance(m, nn.Linear) and not is_head(name, bank.family):
             out[name] = m
     return out
 
@@ -158,7 +158,7 @@ def export_peft(bank, module_name: str, out_dir: str | Path, *, base_model: str 
         raise MtpeftError(f"module {module_name!r} is of type {rec.type!r}; the peft format takes the types "
                           f"{', '.join(EXPORTABLE)}")
     _check_target_dir(out)
-    group, j = bank._group_of(module_name)
+    group, j = bank.locate(module_name)
     stacks = list(bank.stacks_of(group))
     family = bank.family
     if family not in TASK_TYPES:
@@ -305,7 +305,7 @@ def import_peft(bank, adapter_dir: str | Path, name: str | None = None, task: st
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(weights[k].reshape(p.shape))
-        for _, stack in bank.stacks_of(bank._group_of(name)[0]):
+        for _, stack in bank.stacks_of(name):
             stack.invalidate()
     except BaseException:
         bank.remove(name)

@@ -8,8 +8,8 @@ the modules' outputs (a mixture of experts) and mixing their parameters (Poly/MH
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -86,9 +86,89 @@ class Routing:
         return Routing(w, idx, self.mix)
 
 
-# A router evaluated at each site: (site name, the layer's input hidden states) -> Routing.
-RoutingFn = Callable[[str, Tensor], Routing]
+# A bare function evaluated at each site: (site name, the layer's input hidden states) -> Routing | None.
+# Routers (mtpeft.routers) are the general form; the bank wraps a function in ``SiteFn``.
+RoutingFn = Callable[[str, Tensor], "Routing | None"]
 RoutingLike = Routing | RoutingFn
+
+
+class SiteFn:
+    """A per-site router from a plain function ``fn(site, x) -> Routing | None`` (no context, no state)."""
+
+    per_site = True
+
+    def __init__(self, fn: RoutingFn):
+        self.fn = fn
+
+    def at_site(self, site: str, x: Tensor, ctx) -> Routing | None:
+        return self.fn(site, x)
+
+
+@dataclass
+class RouteContext:
+    """What a router may read about the batch, passed with the forward (never global state).
+
+    ``attention_mask`` ``[B, T]``: the real tokens of the first forward in scope (virtual prompt tokens
+    not included; see ``token_mask``). ``task_ids`` ``[B]``: each example's task as an index into
+    ``task_names`` (None where the task is unknown, as in zero-shot routing). ``texts``: the raw inputs.
+    ``pooled()``: the frozen backbone's mean-pooled embedding ``[B, H]``, computed once per batch on demand.
+    """
+
+    attention_mask: Tensor | None = None
+    task_ids: Tensor | None = None
+    task_names: Sequence[str] | None = None
+    texts: Sequence[str] | None = None
+    input_ids: Tensor | None = None
+    embed_fn: Callable[[], Tensor] | None = field(default=None, repr=False)
+    _pooled: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.task_ids is not None:
+            self.task_ids = torch.as_tensor(self.task_ids, dtype=torch.long).reshape(-1)
+            if self.task_names is None:
+                raise MtpeftError("RouteContext: task_ids index task_names; give task_names too")
+            if self.task_ids.numel() and (int(self.task_ids.min()) < 0 or int(self.task_ids.max()) >= len(self.task_names)):
+                raise MtpeftError(f"RouteContext: task_ids must index the {len(self.task_names)} task_names")
+
+    @classmethod
+    def for_tasks(cls, tasks: Sequence[str], **kw) -> RouteContext:
+        """A context whose task ids come from per-example task names (the distinct names form ``task_names``)."""
+        names = list(dict.fromkeys(tasks))
+        pos = {n: i for i, n in enumerate(names)}
+        return cls(task_ids=torch.tensor([pos[t] for t in tasks], dtype=torch.long), task_names=names, **kw)
+
+    @property
+    def batch_size(self) -> int | None:
+        for t in (self.attention_mask, self.task_ids, self.input_ids):
+            if t is not None:
+                return t.shape[0]
+        return len(self.texts) if self.texts is not None else None
+
+    def bind(self, input_ids: Tensor, attention_mask: Tensor, embed_fn: Callable[[], Tensor]) -> None:
+        """Fill in what the bank knows at the first forward in scope (what the caller gave is kept)."""
+        if self.input_ids is None:
+            self.input_ids = input_ids
+        if self.attention_mask is None and attention_mask.dim() == 2:
+            self.attention_mask = attention_mask
+        if self.embed_fn is None:
+            self.embed_fn = embed_fn
+
+    def pooled(self) -> Tensor:
+        if self._pooled is None:
+            if self.embed_fn is None:
+                raise MtpeftError("RouteContext.pooled(): no inputs to embed yet; route through bank(...) or "
+                                  "bank.route(router, ctx), which bind the batch")
+            self._pooled = self.embed_fn()
+        return self._pooled
+
+    def token_mask(self, x: Tensor) -> Tensor | None:
+        """The mask ``[B, T]`` of a site's input ``x`` ``[B, T, d]``: virtual (prompt) positions before the
+        real tokens count as real. None when unknown (a continuation of a key/value cache)."""
+        m = self.attention_mask
+        if m is None or x.dim() != 3 or x.shape[1] < m.shape[1]:
+            return None
+        n = x.shape[1] - m.shape[1]
+        return m if n == 0 else torch.cat([m.new_ones(m.shape[0], n), m], dim=1)
 
 
 @dataclass
@@ -116,22 +196,31 @@ class LocalRouting:
         return int(idx[0])
 
 
-def localize(routing: Routing, global_ids: Tensor, num_modules: int) -> LocalRouting | None:
-    """Restrict ``routing`` to the modules ``global_ids`` (one group's stack). None if none is used."""
-    n_local = global_ids.numel()
+def check_routing(routing: Routing, num_modules: int) -> None:
+    """The module ids (or dense width) of ``routing`` fit a bank of ``num_modules`` (checked once per routing,
+    not once per group)."""
     if routing.indices is None:
         if routing.weights.shape[-1] != num_modules:
             raise MtpeftError(
                 f"dense routing weights have {routing.weights.shape[-1]} columns but the bank has "
                 f"{num_modules} modules; pass one weight per module or give indices"
             )
+    elif routing.indices.numel() and bool(((routing.indices < 0) | (routing.indices >= num_modules)).any()):
+        raise MtpeftError(f"routing names a module id outside 0..{num_modules - 1}")
+
+
+def localize(routing: Routing, global_ids: Tensor, num_modules: int, check: bool = True) -> LocalRouting | None:
+    """Restrict ``routing`` to the modules ``global_ids`` (one group's stack). None if none is used.
+    ``check=False``: the caller already ran ``check_routing``."""
+    if check:
+        check_routing(routing, num_modules)
+    n_local = global_ids.numel()
+    if routing.indices is None:
         w = routing.weights.index_select(-1, global_ids.to(routing.weights.device))
         if not bool((w != 0).any()):
             return None
         idx = torch.arange(n_local, device=w.device).expand_as(w)
         return LocalRouting(w, idx, routing.mix, n_local)
-    if bool(((routing.indices < 0) | (routing.indices >= num_modules)).any()):
-        raise MtpeftError(f"routing names a module id outside 0..{num_modules - 1}")
     lookup = torch.full((num_modules,), -1, dtype=torch.long, device=routing.indices.device)
     lookup[global_ids.to(lookup.device)] = torch.arange(n_local, device=lookup.device)
     local = lookup[routing.indices.long()]

@@ -57,7 +57,7 @@ def perturb(bank, name, std=0.3, seed=0):
     with torch.no_grad():
         for p in bank.module_parameters(name).values():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
-    group, _ = bank._group_of(name)
+    group, _ = bank.locate(name)
     for _, stack in bank.stacks_of(group):
         stack.invalidate()
 

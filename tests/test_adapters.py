@@ -64,7 +64,7 @@ def test_defaults():
 
 # ---- sites -----------------------------------------------------------------------------------
 def _sites(bank, name):
-    return sorted(bank._group_of(name)[0].sites)
+    return sorted(bank.group_of(name).sites)
 
 
 def test_sites_per_type():
@@ -125,7 +125,7 @@ def reference(family, bank, names, routing_w, mtype, cfg, ids, mask):
     act = ACTS[conf.activation]
     parallel = mtype in ("parallel", "scaled_parallel")
     store, handles = {}, []
-    for site in bank._group_of(names[0])[0].sites:
+    for site in bank.group_of(names[0]).sites:
         experts = [bank.module_parameters(n) for n in names]
         downs = [e[f"{site}.adapter_down"] for e in experts]
         ups = [e[f"{site}.adapter_up"] for e in experts]
@@ -184,7 +184,7 @@ def test_parallel_reads_the_stash_of_its_own_layer(family):
     mods = dict(bank.model.named_modules())
     src_in, tgt = {}, {}
     handles = []
-    for site in bank._group_of("m0")[0].sites:
+    for site in bank.group_of("m0").sites:
         handles.append(mods[_ref_source(site)].register_forward_pre_hook(
             lambda m, i, s=site: src_in.__setitem__(s, i[0])))
         handles.append(mods[site].register_forward_hook(
@@ -207,7 +207,7 @@ def test_parallel_reads_the_stash_of_its_own_layer(family):
 def test_houlsby_is_sequential_not_parallel(family):
     """Houlsby reads the projection's output: its delta is f(y) and differs from f(x)."""
     bank = bank_with(family, "houlsby", {"r": 4, "placement": "attention"}, n=1)
-    site = bank._group_of("m0")[0].sites[0]
+    site = bank.group_of("m0").sites[0]
     layer = bank.model.get_submodule(site)
     seen = {}
     h = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=m.base(i[0]), out=o))

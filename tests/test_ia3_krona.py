@@ -79,7 +79,7 @@ def test_krona_factor_that_does_not_divide_is_refused_cleanly(family):
 
 # ---- defaults and sites -------------------------------------------------------------------------
 def _stacks(bank, name):
-    group, _ = bank._group_of(name)
+    group, _ = bank.locate(name)
     return dict(bank.stacks_of(group))
 
 
@@ -146,7 +146,7 @@ def reference(family, bank, names, routing_w, mtype, cfg, ids, mask):
     model = make_backbone(family, layers=bank.model.config.num_hidden_layers).model
     conf = MODULE_TYPES.get(mtype).config_cls.from_dict(dict(cfg))
     handles = []
-    for site in bank._group_of(names[0])[0].sites:
+    for site in bank.group_of(names[0]).sites:
         experts = [bank.module_parameters(n) for n in names]
         ls = [e.get(f"{site}.ia3_l") for e in experts]
         ff = _is_ffn_output(site) and conf.feedforward_modules is None

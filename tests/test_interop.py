@@ -83,7 +83,7 @@ def randomize(params, seed, std=0.3):
 
 def randomize_module(bank, name, seed):
     randomize(bank.module_parameters(name).items(), seed)
-    for _, stack in bank.stacks_of(bank._group_of(name)[0]):
+    for _, stack in bank.stacks_of(bank.group_of(name)):
         stack.invalidate()
 
 
@@ -220,7 +220,7 @@ def test_import_bert_ia3_feedforward_attention_output(saved, tmp_path):
     save_peft_adapter(saved["tiny-bert"], "tiny-bert", peft_config("tiny-bert", "ia3"), tmp_path / "a")
     bank = new_bank(saved["tiny-bert"])
     import_peft(bank, tmp_path / "a", name="m")
-    group, _ = bank._group_of("m")
+    group, _ = bank.locate("m")
     ff = sorted(site for site, stack in bank.stacks_of(group) if stack.feedforward)
     assert ff == sorted(f"encoder.layer.{i}.{p}output.dense" for i in range(2) for p in ("", "attention."))
 

@@ -1,38 +1,36 @@
 """ModuleBank: the growing set of task modules attached to a frozen backbone.
 
-The bank replaces each targeted ``nn.Linear`` with a ``BankedLinear`` that holds one ``Stack``
-per group of same-type, same-config modules. Routing weights reach the layers through a scoped
-context (``with bank.route(routing): ...``), never global state. The bank knows no router.
+The bank replaces each targeted ``nn.Linear`` with a ``BankedLinear`` (``layers.py``) that holds one
+``Stack`` per group of same-type, same-config modules. Routing weights, or a router and its context,
+reach the layers through a scoped context (``with bank.route(routing_or_router, ctx): ...``), never
+global state. The bank knows no router class: it applies what a router returns.
+
+Every change (add, remove, merge, unmerge, finalize, an artifact set or deleted) bumps ``bank.version``,
+so caches and routers can tell that what they were built for has changed.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import modules as _modules  # noqa: F401  (registers the built-in module types)
-from .io import MtpeftError
-from .kernels import routed_delta
-from .modules.base import MODULE_TYPES, LinearStack, ModuleConfig, ModuleType, Stack, match_targets
-from .persist import load_bank, read_manifest, remove_saved_module, save_bank
-from .routing import LocalRouting, Routing, RoutingLike, localize
-
-
-class BankState:
-    """The routing in force for one forward pass; shared by the bank and its banked layers."""
-
-    def __init__(self):
-        self.routing: RoutingLike | None = None
-        self.local: dict[str, LocalRouting | None] = {}
-        self.stash: dict[str, Tensor] = {}
+from .. import modules as _modules  # noqa: F401  (registers the built-in module types)
+from ..io import MtpeftError
+from ..modules.base import MODULE_TYPES, ModuleConfig, ModuleType, Stack, match_targets
+from ..routing import LocalRouting, RouteContext, Routing, SiteFn, check_routing, localize
+from .artifacts import ArtifactStore
+from .input_level import BankOutput, InputLevelForward
+from .layers import BankedLinear, BankState
 
 
 @dataclass
@@ -58,70 +56,7 @@ class ModuleRecord:
     finalized: bool = False  # training-only reparameterisation dropped (see ModuleBank.finalize)
 
 
-@dataclass
-class BankOutput:
-    """Last hidden states (for a causal LM, before ``bank.lm_head``), with the mask of the positions they cover.
-
-    ``n_virtual`` positions were prepended by input-level modules (prompts) before the real tokens.
-    Prefix modules add keys and values inside attention, not positions: they do not count here.
-
-    With ``use_cache=True`` (causal LMs) also: ``cache``, the keys and values of every position the
-    model attended to (prefixes, virtual tokens, the input); ``cache_mask`` ``[B, cache length]``, which
-    of them are real; ``next_positions`` ``[B]``, the position id each example's next token takes.
-    Pass ``cache=out.cache`` (or ``past_key_values=``) to continue: input-level modules are then not applied again.
-    """
-
-    output: Tensor
-    attention_mask: Tensor
-    n_virtual: int = 0
-    cache: Any = None
-    cache_mask: Tensor | None = None
-    next_positions: Tensor | None = None
-
-
-class BankedLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the stacks of the bank's modules that act on it."""
-
-    def __init__(self, base: nn.Linear, site: str, bank: ModuleBank):
-        super().__init__()
-        self.base = base
-        self.site = site
-        self.stacks = nn.ModuleDict()
-        object.__setattr__(self, "_bank", bank)  # a back-reference, not a submodule
-
-    @property
-    def weight(self) -> Tensor:  # so code that reads layer.weight (e.g. dtype checks) still works
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        bank = self._bank
-        state = bank.state
-        if state.routing is None:  # bare pass: nothing reads the stash, so keep no activations
-            return self.base(x)
-        if self.site in bank._stash_sites:
-            state.stash[self.site] = x
-        # Stacks compose in insertion order. Leading input-scaling stacks ((IA)3 on the FFN output,
-        # W (x * l)) fold into the base matmul: W (x (1 + dl)) + b, one matmul instead of two.
-        scaled, rest = None, []
-        for key, stack in self.stacks.items():
-            local = bank._local_routing(key, self.site, x)
-            if local is None:
-                continue
-            if not rest and getattr(stack, "input_scaling", False):
-                scaled = stack.scaled_input(x, local) if scaled is None else scaled + routed_delta(stack, x, local)
-            else:
-                rest.append((stack, local))
-        y = self.base(x if scaled is None else scaled)
-        for stack, local in rest:
-            y = stack(x, y, local)
-        return y
-
-
-class ModuleBank(nn.Module):
+class ModuleBank(InputLevelForward, nn.Module):
     def __init__(self, backbone):
         super().__init__()
         if getattr(backbone.model, "_mtpeft_bank", False) or any(
@@ -136,9 +71,13 @@ class ModuleBank(nn.Module):
         self.groups: dict[str, Group] = {}
         self.input_stacks = nn.ModuleDict()  # group key -> stack for input-level types (prompts)
         self.state = BankState()
+        self.uid = uuid.uuid4().hex  # this bank object (a loaded copy is another bank)
+        self.version = 0
+        self._artifacts = ArtifactStore()
         self._stash_sites: set[str] = set()
         self._group_ids: dict[str, Tensor] = {}
         self._active: dict[str, Tensor] = {}
+        self._all_active: dict[str, bool] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------
     @property
@@ -148,11 +87,22 @@ class ModuleBank(nn.Module):
     def __len__(self) -> int:
         return len(self.records)
 
+    def __contains__(self, name) -> bool:
+        return any(r.name == name for r in self.records)
+
     def index(self, name: str) -> int:
         for i, r in enumerate(self.records):
             if r.name == name:
                 return i
         raise MtpeftError(f"no module {name!r} in the bank; it has: {', '.join(self.names) or '(none)'}")
+
+    def ids(self, names) -> Tensor:
+        """Module ids ``[len(names)]`` of ``names`` (each must be in the bank)."""
+        pos = {r.name: i for i, r in enumerate(self.records)}
+        missing = [n for n in names if n not in pos]
+        if missing:
+            raise MtpeftError(f"no module(s) {missing} in the bank; it has: {', '.join(self.names) or '(none)'}")
+        return torch.tensor([pos[n] for n in names], dtype=torch.long)
 
     def record(self, name: str) -> ModuleRecord:
         return self.records[self.index(name)]
@@ -165,23 +115,32 @@ class ModuleBank(nn.Module):
         raise MtpeftError(f"no module in the bank was trained on task {task!r}; tasks in the bank: "
                           f"{sorted({r.task for r in self.records if r.task})}")
 
-    def _group_of(self, name: str) -> tuple[Group, int]:
+    def locate(self, name: str) -> tuple[Group, int]:
+        """The module's group and its position in the group's stacks (``stack.experts[j]``)."""
         for g in self.groups.values():
             if name in g.members:
                 return g, g.members.index(name)
-        raise MtpeftError(f"no module {name!r} in the bank")
+        raise MtpeftError(f"no module {name!r} in the bank; it has: {', '.join(self.names) or '(none)'}")
 
-    def _refresh_ids(self) -> None:
+    def group_of(self, name: str) -> Group:
+        return self.locate(name)[0]
+
+    def _changed(self) -> None:
+        """Every change of what the bank holds: ids refreshed, version bumped."""
         pos = {r.name: i for i, r in enumerate(self.records)}
         self._group_ids = {k: torch.tensor([pos[m] for m in g.members], dtype=torch.long)
                            for k, g in self.groups.items()}
         self._active = {k: torch.tensor([not self.records[pos[m]].merged for m in g.members])
                         for k, g in self.groups.items()}
+        self._all_active = {k: bool(a.all()) for k, a in self._active.items()}
+        self.version += 1
 
     def _sites(self) -> dict[str, nn.Module]:
         return dict(self.model.named_modules())
 
-    def stacks_of(self, group: Group) -> Iterator[tuple[str, Stack]]:
+    def stacks_of(self, which: str | Group) -> Iterator[tuple[str, Stack]]:
+        """``(site, stack)`` of a group, or of the group of module ``which`` (a name)."""
+        group = self.group_of(which) if isinstance(which, str) else which
         mods = self._sites()
         for site in group.sites:
             if _is_pseudo(site):
@@ -189,12 +148,45 @@ class ModuleBank(nn.Module):
             else:
                 yield site, mods[site].stacks[group.key]
 
+    def module_sites(self, name: str) -> list[str]:
+        """Where the module acts: linear layer paths, or ``<input>`` / ``<attention>`` for prompts and prefixes."""
+        return list(self.group_of(name).sites)
+
+    def banked_layer(self, site: str) -> BankedLinear:
+        m = self.model.get_submodule(site)
+        if not isinstance(m, BankedLinear):
+            raise MtpeftError(f"{site} is not a site of this bank")
+        return m
+
+    @torch.no_grad()
+    def delta_weight(self, name: str) -> dict[str, Tensor]:
+        """``{site: Delta W [d_out, d_in]}``: what the module adds to each linear layer's weight (LoRA ``B A``
+        times its scale, KronA ``A kron B``; (IA)3 as ``W' - W`` of the unmerged weight)."""
+        group, j = self.locate(name)
+        if group.mtype.level != "linear" or not group.mtype.mergeable:
+            raise MtpeftError(f"module {name!r} of type {group.mtype.name!r} has no weight delta; types with one: "
+                              f"{', '.join(n for n in MODULE_TYPES.names() if MODULE_TYPES.get(n).mergeable)}")
+        out = {}
+        for site, stack in self.stacks_of(group):
+            layer = self.banked_layer(site)
+            if hasattr(stack, "merge_into"):
+                w0 = layer.base.weight if layer.original is None else layer.original
+                tmp = nn.Linear(w0.shape[1], w0.shape[0], bias=layer.base.bias is not None,
+                                device=w0.device, dtype=w0.dtype)
+                tmp.weight.copy_(w0)
+                stack.merge_into(tmp, j, +1)
+                out[site] = tmp.weight - w0
+            else:
+                out[site] = stack.delta_weight(j).detach().clone()
+        return out
+
     # ---- growing and shrinking ---------------------------------------------------------------
     def add(self, name: str, module_type: str, config: ModuleConfig | dict | None = None, *,
             task: str | None = None, metadata: dict | None = None, seed: int = 0,
             trainable: bool = True) -> int:
         """Add a module; existing modules' outputs do not change. Returns its id."""
-        if not name or any(c in name for c in "/\\") or name.startswith("."):
+        if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith(".") \
+                or name != name.strip():
             raise MtpeftError(f"module name {name!r} is not usable as a file name; use letters, digits, - and _")
         if name in self.names:
             raise MtpeftError(f"the bank already has a module named {name!r}; pick another name, or remove it first (bank.remove, or `mtpeft bank rm BANK NAME`)")
@@ -220,8 +212,37 @@ class ModuleBank(nn.Module):
                 stack.experts[-1].requires_grad_(False)
         group.members.append(name)
         self.records.append(ModuleRecord(name, module_type, config.to_dict(), task, {}, dict(metadata or {})))
-        self._refresh_ids()
+        self._changed()
         return len(self.records) - 1
+
+    def add_from(self, name: str, module_type: str, config: ModuleConfig | dict | None,
+                 tensors: Mapping[str, Tensor], *, task: str | None = None, metadata: dict | None = None,
+                 trainable: bool = False, finalized: bool = False, what: str | None = None) -> int:
+        """Add a module whose parameters are ``tensors`` (``{site.param: tensor}``, as ``module_parameters``
+        names them). The tensors must cover exactly the module's parameters with their shapes; on any
+        mismatch nothing is added. ``finalized``: the tensors are in the layout ``finalize`` leaves."""
+        what = what or f"module {name!r}"
+        idx = self.add(name, module_type, config, task=task, metadata=metadata, trainable=trainable)
+        try:
+            if finalized:
+                self.finalize(name)
+            params = self.module_parameters(name)
+            if set(params) != set(tensors):
+                raise MtpeftError(f"{what}: the weights do not fit its config (missing "
+                                  f"{sorted(set(params) - set(tensors))[:3]}, unexpected "
+                                  f"{sorted(set(tensors) - set(params))[:3]})")
+            with torch.no_grad():
+                for k, p in params.items():
+                    t = tensors[k]
+                    if tuple(p.shape) != tuple(t.shape):
+                        raise MtpeftError(f"{what}: {k} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    p.copy_(t)
+            for _, stack in self.stacks_of(name):
+                stack.invalidate()
+        except BaseException:
+            self.remove(name)
+            raise
+        return idx
 
     def _install(self, key: str, mtype: type[ModuleType], config: ModuleConfig) -> list[str]:
         """Create the group's stacks; on failure nothing stays installed."""
@@ -256,7 +277,7 @@ class ModuleBank(nn.Module):
         mods = self._sites()
         # Sites already wrapped are found by their BankedLinear name (the base lives at .base).
         candidates = [n for n, m in mods.items() if isinstance(m, (nn.Linear, BankedLinear))
-                      and not n.endswith(".base") and not _is_head(n, self.family)]
+                      and not n.endswith(".base") and not is_head(n, self.family)]
         sites = match_targets(candidates, mtype.targets(self.family, config))
         if not sites:
             raise MtpeftError(f"target_modules {mtype.targets(self.family, config)} match no linear layer of "
@@ -298,24 +319,26 @@ class ModuleBank(nn.Module):
             parent, _, child = site.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, m)
         return m
-
     def remove(self, name: str) -> None:
+        """Drop a module with its artifacts; ids of the modules after it shift down by one (the version says so)."""
         i = self.index(name)
         if self.records[i].merged:
             self.unmerge(name)
-        group, j = self._group_of(name)
+        group, j = self.locate(name)
         for _, stack in self.stacks_of(group):
             stack.remove_expert(j)
         group.members.pop(j)
         del self.records[i]
+        self._artifacts.delete("module", name)
         if not group.members:
             self._uninstall(group.key, group.sites)
             del self.groups[group.key]
-        self._refresh_ids()
+            self._artifacts.delete("group", group.key)
+        self._changed()
 
     def module_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """``{site.param: Parameter}`` of one module."""
-        group, j = self._group_of(name)
+        group, j = self.locate(name)
         out = {}
         for site, stack in self.stacks_of(group):
             for pname, p in stack.experts[j].named_parameters():
@@ -326,8 +349,7 @@ class ModuleBank(nn.Module):
         for n in ([name] if name is not None else self.names):
             for p in self.module_parameters(n).values():
                 p.requires_grad_(trainable)
-            group, _ = self._group_of(n)
-            for _, stack in self.stacks_of(group):
+            for _, stack in self.stacks_of(n):
                 stack.invalidate()
 
     def freeze(self, name: str | None = None) -> None:
@@ -355,7 +377,7 @@ class ModuleBank(nn.Module):
         training (optimizers holding the old parameters go stale). Returns whether anything changed;
         types without a reparameterisation are left as they are.
         """
-        group, j = self._group_of(name)
+        group, j = self.locate(name)
         changed = False
         for _, stack in self.stacks_of(group):
             fin = getattr(stack, "finalize_expert", None)
@@ -363,209 +385,169 @@ class ModuleBank(nn.Module):
                 changed = bool(fin(j)) or changed
         if changed:
             self.record(name).finalized = True
+            self._changed()
         return changed
 
     # ---- merging -----------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        """Fold the module into the base weights (LoRA, (IA)3, KronA); routing to it is then a no-op."""
+        """Fold the module into the base weights (LoRA, (IA)3, KronA); routing to it is then a no-op.
+        The bare backbone (``bare()``, the scorer's label side) still runs on the unmerged weights."""
         rec = self.record(name)
-        group, j = self._group_of(name)
+        group, j = self.locate(name)
         if not group.mtype.mergeable:
             raise MtpeftError(f"modules of type {rec.type!r} cannot be merged into the base weights")
         if rec.merged:
             raise MtpeftError(f"module {name!r} is already merged")
-        self._apply_delta(group, j, +1)
+        self._apply_delta(group, j, +1, name)
         rec.merged = True
-        self._refresh_ids()
+        self._changed()
 
     def unmerge(self, name: str) -> None:
         rec = self.record(name)
         if not rec.merged:
             raise MtpeftError(f"module {name!r} is not merged")
-        group, j = self._group_of(name)
-        self._apply_delta(group, j, -1)
+        group, j = self.locate(name)
+        self._apply_delta(group, j, -1, name)
         rec.merged = False
-        self._refresh_ids()
+        self._changed()
 
     @torch.no_grad()
-    def _apply_delta(self, group: Group, j: int, sign: int) -> None:
-        mods = self._sites()
+    def _apply_delta(self, group: Group, j: int, sign: int, name: str) -> None:
         for site, stack in self.stacks_of(group):
-            base = mods[site].base
+            layer = self.banked_layer(site)
+            if sign > 0:
+                layer.note_merge(name)
+            base = layer.base
             stack.merge_into(base, j, sign) if hasattr(stack, "merge_into") else \
                 base.weight.add_(sign * stack.delta_weight(j).to(base.weight.dtype))
+            if sign < 0:
+                layer.note_unmerge(name)
+
+    # ---- artifacts ---------------------------------------------------------------------------
+    def set_artifact(self, name: str, key: str, value: Tensor) -> None:
+        """Store tensor ``value`` as artifact ``key`` of module ``name`` (saved with the bank, removed with it)."""
+        self.index(name)
+        self._artifacts.set("module", name, key, value)
+        self._changed()
+
+    def artifact(self, name: str, key: str) -> Tensor:
+        self.index(name)
+        return self._artifacts.get("module", name, key)
+
+    def artifacts(self, name: str) -> dict[str, Tensor]:
+        """Every artifact of module ``name``."""
+        self.index(name)
+        return self._artifacts.all("module", name)
+
+    def delete_artifact(self, name: str, key: str) -> bool:
+        gone = self._artifacts.delete("module", name, key)
+        if gone:
+            self._changed()
+        return gone
+
+    def set_group_artifact(self, group: str, key: str, value: Tensor) -> None:
+        """An artifact of a whole group (e.g. a shared prompt), by group key (``bank.group_of(name).key``)."""
+        self._group(group)
+        self._artifacts.set("group", group, key, value)
+        self._changed()
+
+    def group_artifact(self, group: str, key: str) -> Tensor:
+        self._group(group)
+        return self._artifacts.get("group", group, key)
+
+    def group_artifacts(self, group: str) -> dict[str, Tensor]:
+        self._group(group)
+        return self._artifacts.all("group", group)
+
+    def delete_group_artifact(self, group: str, key: str) -> bool:
+        gone = self._artifacts.delete("group", group, key)
+        if gone:
+            self._changed()
+        return gone
+
+    def _group(self, key: str) -> Group:
+        if key not in self.groups:
+            raise MtpeftError(f"no group {key!r} in the bank; groups: {', '.join(self.groups) or '(none)'} "
+                              "(bank.group_of(module_name).key names a module's group)")
+        return self.groups[key]
 
     # ---- routing -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def route(self, routing: RoutingLike | None):
-        """Scope in which the layers apply ``routing`` (a Routing, or a per-site router callable)."""
-        prev, prev_local = self.state.routing, self.state.local
-        self.state.routing, self.state.local = routing, {}
+    def route(self, routing=None, ctx: RouteContext | None = None):
+        """Scope in which the layers apply ``routing``: a ``Routing``, a router (an object with ``per_site``
+        and ``route(bank, ctx)`` or ``at_site(site, x, ctx)``, e.g. from ``mtpeft.routers``), a function
+        ``fn(site, x)`` called at each site, or None (the backbone with merged modules)."""
+        st = self.state
+        router = None
+        if isinstance(routing, Routing):
+            check_routing(routing, len(self))
+        elif routing is not None:
+            router = routing if hasattr(routing, "per_site") else SiteFn(routing) if callable(routing) else None
+            if router is None:
+                raise MtpeftError(f"cannot route with a {type(routing).__name__}; give a Routing, a router "
+                                  "(mtpeft.routers) or a function (site, x) -> Routing")
+            check = getattr(router, "check_bank", None)
+            if check is not None:
+                check(self)  # a router built for another state of the bank refuses (or rebinds) here
+            routing = None
+        snap = st.snapshot()
+        st.routing, st.router, st.ctx, st.bare, st.local, st.stash, st.checked = routing, router, ctx, False, {}, {}, False
         try:
             yield self
         finally:
-            self.state.routing, self.state.local = prev, prev_local
-            self.state.stash = {}
+            st.restore(snap)
 
     def disabled(self):
-        """Scope in which the bare backbone runs (merged modules stay merged)."""
+        """Scope in which the backbone runs with no module routed (merged modules stay merged)."""
         return self.route(None)
 
-    def _local_routing(self, key: str, site: str, x: Tensor) -> LocalRouting | None:
-        st = self.state
-        routing = st.routing
-        if callable(routing) and not isinstance(routing, Routing):
-            r = routing(site, x)
-            return self._localize(key, r)
-        if key not in st.local:
-            st.local[key] = self._localize(key, routing)
-        return st.local[key]
+    @contextlib.contextmanager
+    def bare(self):
+        """Scope in which the bare pretrained backbone runs: no module acts, merged ones included."""
+        with self.route(None):
+            self.state.bare = True
+            yield self
 
-    def _localize(self, key: str, routing: Routing) -> LocalRouting | None:
-        ids = self._group_ids[key]
-        local = localize(routing, ids, len(self.records))
-        if local is None:
-            return None
+    def localize(self, key: str, routing: Routing) -> LocalRouting | None:
+        """``routing`` (already checked against the bank) restricted to group ``key``; merged modules drop out."""
+        local = localize(routing, self._group_ids[key], len(self.records), check=False)
+        if local is None or self._all_active[key]:
+            return local
         active = self._active[key].to(local.weights.device)
-        if not bool(active.all()):
-            w = local.weights * active[local.indices].to(local.weights.dtype)
-            if not bool((w != 0).any()):
-                return None
-            local = LocalRouting(w, local.indices, local.mix, local.num_experts)
-        return local
+        w = local.weights * active[local.indices].to(local.weights.dtype)
+        if not bool((w != 0).any()):
+            return None
+        return LocalRouting(w, local.indices, local.mix, local.num_experts)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, routing: RoutingLike | None = None,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, routing=None, *, ctx: RouteContext | None = None,
                 **kwargs) -> BankOutput:
-        """Run the backbone with the bank's modules under ``routing`` (or the routing in scope)."""
+        """Run the backbone with the bank's modules under ``routing`` (a Routing or a router, with ``ctx``),
+        or under what is in scope (``bank.route``)."""
         if routing is not None:
-            with self.route(routing):
+            with self.route(routing, ctx):
                 return self.forward(input_ids, attention_mask, **kwargs)
-        r = self.state.routing
-        kwargs = self._cache_kwargs(kwargs)
-        past = kwargs.get(self._cache_arg)
-        continuing = past is not None and past.get_seq_length() > 0
-        # A continuation: the input-level modules' virtual tokens and prefixes are already in the cache.
-        used = [] if continuing else self._input_level_routing(r)
-        if not used:
-            out = self._body()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            res = BankOutput(out.last_hidden_state, attention_mask, 0)
-            if kwargs.get("use_cache") and not continuing and attention_mask.dim() == 2:
-                res = self._with_cache(res, out, attention_mask, kwargs.get("position_ids"), attention_mask)
-            return res
-        return self._forward_input_level(input_ids, attention_mask, r, used, kwargs)
+        st = self.state
+        if st.router is not None and not st.bare:
+            if st.ctx is None:
+                st.ctx = ctx or RouteContext()
+            st.ctx.bind(input_ids, attention_mask, lambda: self.pooled(input_ids, attention_mask))
+            if not st.router.per_site and not st.checked:  # a per-example router: once per scope
+                r = st.router.route(self, st.ctx)
+                if r is not None:
+                    if not isinstance(r, Routing):
+                        raise MtpeftError(f"router {type(st.router).__name__}.route returned {type(r).__name__}; "
+                                          "return a Routing (or None: no module)")
+                    check_routing(r, len(self))
+                st.routing, st.checked = r, True
+        return self._run(input_ids, attention_mask, kwargs)
 
-    @staticmethod
-    def _with_cache(res: BankOutput, out, cache_mask: Tensor, position_ids: Tensor | None,
-                    real_mask: Tensor) -> BankOutput:
-        """``res`` plus what a continuation needs: the cache, its mask, each example's next position id
-        (``position_ids`` None: the backbone's default, 0..T-1)."""
-        T = real_mask.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(T, device=real_mask.device).expand_as(real_mask)
-        pos = position_ids[:, -T:]
-        nxt = torch.where(real_mask.bool(), pos, torch.full_like(pos, -1)).max(1).values + 1
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return BankOutput(res.output, res.attention_mask, res.n_virtual, cache, cache_mask, nxt)
-
-    @property
-    def _cache_arg(self) -> str:
-        """The name the backbone's forward takes a key/value cache by (``cache`` from transformers 5.2x)."""
-        import inspect
-
-        arg = getattr(self, "_cache_arg_name", None)
-        if arg is None:
-            params = inspect.signature(self._body().forward).parameters
-            arg = self._cache_arg_name = "cache" if "cache" in params else "past_key_values"
-        return arg
-
-    def _cache_kwargs(self, kwargs: dict) -> dict:
-        """Accept a cache as ``cache=`` or ``past_key_values=`` and pass it on under the backbone's name."""
-        given = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
-        if not given:
-            return kwargs
-        if len(given) > 1:
-            raise MtpeftError("give the key/value cache once, as cache= or past_key_values=, not both")
-        value = kwargs[given[0]]
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-        kwargs[self._cache_arg] = value
-        return kwargs
-
-    def _body(self) -> nn.Module:
-        return self.model.get_decoder() if self.family == "causal" else self.model
-
-    def _input_level_routing(self, r: RoutingLike | None) -> list[tuple[Stack, LocalRouting]]:
-        """The input/attention-level stacks (prompts, prefixes) that ``r`` routes some example to."""
-        if r is None or not len(self.input_stacks):
-            return []
-        if not isinstance(r, Routing):
-            raise MtpeftError("input-level modules (prompts, prefixes) need per-example routing (a Routing), "
-                              "not a per-layer router")
-        used = []
-        for key, stack in self.input_stacks.items():
-            local = self._localize(key, r)
-            if local is not None:
-                used.append((stack, local))
-        return used
-
-    def _forward_input_level(self, input_ids, attention_mask, r, used, kwargs) -> BankOutput:
-        """Prompts prepend virtual tokens to the embeddings; prefixes pre-fill every attention layer's
-        keys and values (a transformers ``DynamicCache``, which Llama and BERT both accept).
-
-        Examples a module does not serve get its positions masked out (attention 0) and keep their
-        own position ids, so their outputs are those of a forward without the module. Position ids
-        are explicit: absolute-position models (BERT) and RoPE models (Llama) both read them.
-        """
-        B, T = attention_mask.shape
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            embeds = self.model.get_input_embeddings()(input_ids)
-        position_ids = kwargs.pop("position_ids", None)
-        if position_ids is None:  # what the backbone uses by default, so unrouted examples are unchanged
-            position_ids = torch.arange(T, device=embeds.device).expand(B, T)
-        n_virtual = 0
-        for stack, local in used:
-            if hasattr(stack, "extend"):
-                embeds, attention_mask, position_ids, n = stack.extend(embeds, attention_mask, position_ids, local)
-                n_virtual += n
-        if n_virtual and kwargs.get("token_type_ids") is not None:
-            tt = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, n_virtual), tt], dim=1)
-        model_mask = attention_mask
-        prefixes = [(stack, local) for stack, local in used if hasattr(stack, "prefix_kv")]
-        if prefixes:
-            if kwargs.get(self._cache_arg) is not None:
-                raise MtpeftError("prefix modules fill the key/value cache (past_key_values) themselves; do not pass an empty cache with "
-                                  "them (a cache that already holds positions continues it, modules not re-applied)")
-            from transformers import DynamicCache
-
-            keys, values, masks = [], [], []
-            for stack, local in prefixes:
-                k, v, routed = stack.prefix_kv(local, B, embeds.dtype, embeds.device)
-                keys.append(k)
-                values.append(v)
-                masks.append(routed[:, None].to(attention_mask.dtype).expand(B, k[0].shape[2]))
-                position_ids = position_ids + k[0].shape[2] * routed.long()[:, None]
-            cache = DynamicCache()
-            for layer in range(len(keys[0])):
-                cache.update(torch.cat([k[layer] for k in keys], dim=2),
-                             torch.cat([v[layer] for v in values], dim=2), layer)
-            kwargs[self._cache_arg] = cache
-            model_mask = torch.cat(masks + [attention_mask], dim=1)
-        max_pos = getattr(self.model.config, "max_position_embeddings", None)
-        if self.family == "encoder" and max_pos and int(position_ids.max()) >= max_pos:
-            raise MtpeftError(f"inputs of {T} tokens plus {int(position_ids.max()) + 1 - T} virtual/prefix positions "
-                              f"exceed the backbone's {max_pos} positions; truncate the inputs to fewer tokens")
-        if n_virtual and r.per_token:
-            self.state.routing, self.state.local = r.pad_tokens(n_virtual), {}
-        try:
-            out = self._body()(inputs_embeds=embeds, attention_mask=model_mask, position_ids=position_ids, **kwargs)
-        finally:
-            if n_virtual and r.per_token:
-                self.state.routing, self.state.local = r, {}
-        res = BankOutput(out.last_hidden_state, attention_mask, n_virtual)
-        if kwargs.get("use_cache"):
-            res = self._with_cache(res, out, model_mask, position_ids, attention_mask[:, n_virtual:])
-        return res
+    @torch.no_grad()
+    def pooled(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The bare backbone's mean-pooled, L2-normalised embedding ``[B, H]`` of a batch."""
+        with self.bare():
+            out = self._run(input_ids, attention_mask, {})
+        m = attention_mask.unsqueeze(-1).to(out.output.dtype)
+        return F.normalize((out.output * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
 
     @property
     def device(self) -> torch.device:
@@ -580,15 +562,19 @@ class ModuleBank(nn.Module):
         """The causal LM's output projection (hidden states -> vocabulary logits)."""
         return self.model.get_output_embeddings()
 
-    # ---- persistence (mtpeft/persist.py) -------------------------------------------------------
+    # ---- persistence (persist.py) ------------------------------------------------------------
     def save(self, path: str | Path, only: list[str] | None = None) -> None:
-        """Write ``manifest.json`` plus one safetensors file per module, each atomically (``only``: rewrite
-        just these modules' weights, keep the other files)."""
+        """Write the bank to directory ``path`` (see ``persist.save_bank``); ``only``: just these modules
+        changed, the other modules' files are kept."""
+        from .persist import save_bank
+
         save_bank(self, path, only)
 
     @classmethod
     def load(cls, path: str | Path, backbone, trainable: bool = False) -> ModuleBank:
         """A saved bank on ``backbone``: schema, fingerprint, files and checksums checked before anything changes."""
+        from .persist import load_bank
+
         return load_bank(cls, path, backbone, trainable)
 
 
@@ -597,10 +583,6 @@ def _is_pseudo(site: str) -> bool:
     return site.startswith("<")
 
 
-def _is_head(name: str, family: str) -> bool:
+def is_head(name: str, family: str) -> bool:
+    """Output layers a module never targets (the LM head, the pooler)."""
     return name in ("lm_head", "pooler.dense") or name.endswith(".lm_head")
-
-
-__all__ = ["BankOutput", "BankedLinear", "LinearStack", "ModuleBank", "ModuleRecord", "read_manifest",
-           "remove_saved_module"]
-

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .io import MtpeftError, read_json, read_tensors, write_json, write_tensors
-from .modules.base import MODULE_TYPES
+from ..io import MtpeftError, read_json, read_tensors, write_json, write_tensors
+from ..modules.base import MODULE_TYPES
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,25 +70,10 @@ def load_bank(cls, path: str | Path, backbone, trainable: bool = False):
         loaded.append((e, read_tensors(f, what=f"weights of module {e['name']!r}")))
     bank = cls(backbone)
     for e, tensors in loaded:
-        bank.add(e["name"], e["type"], e["config"], task=e.get("task"), metadata=e.get("metadata"),
-                 trainable=trainable)
+        bank.add_from(e["name"], e["type"], e["config"], tensors, task=e.get("task"), metadata=e.get("metadata"),
+                      trainable=trainable, finalized=bool(e.get("finalized")),
+                      what=f"bank {path}: weights of module {e['name']!r}")
         bank.records[-1].metrics = dict(e.get("metrics") or {})
-        if e.get("finalized"):  # rebuild the parameter layout the weights were saved in
-            bank.finalize(e["name"])
-        params = bank.module_parameters(e["name"])
-        if set(params) != set(tensors):
-            raise MtpeftError(f"bank {path}: weights of module {e['name']!r} do not fit its config "
-                              f"(missing {sorted(set(params) - set(tensors))[:3]}, "
-                              f"unexpected {sorted(set(tensors) - set(params))[:3]})")
-        with torch.no_grad():
-            for k, p in params.items():
-                if p.shape != tensors[k].shape:
-                    raise MtpeftError(f"bank {path}: {e['name']}/{k} has shape {tuple(tensors[k].shape)}, "
-                                      f"expected {tuple(p.shape)}")
-                p.copy_(tensors[k])
-        group, _ = bank._group_of(e["name"])
-        for _, stack in bank.stacks_of(group):
-            stack.invalidate()
         if e.get("merged"):
             bank.merge(e["name"])
     return bank
