@@ -1,0 +1,6 @@
+"""Routers: one file per router, registered by name (``ROUTERS``). See ``base.Router`` for the interface."""
+from .base import ROUTERS, Router, register_router
+from .fixed import FixedRouter
+from .task_id import TaskIdRouter
+
+__all__ = ["ROUTERS", "FixedRouter", "Router", "TaskIdRouter", "register_router"]
