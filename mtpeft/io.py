@@ -30,22 +30,60 @@ def cache_dir() -> Path:
     return path
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or an unlink in directory ``path`` durable, where the platform allows it."""
+    if os.name == "nt":  # Windows cannot open a directory for fsync
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, flush it to disk, rename it over ``path`` and flush
+    the directory: after a crash ``path`` holds the old content or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` atomically (temporary file, fsync, rename, fsync of the directory)."""
+
+    def _w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(Path(path), _w)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file in the same directory, then rename)."""
+    """Write JSON atomically (temporary file in the same directory, fsync, rename, fsync of the directory)."""
 
     def _w(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

@@ -106,8 +106,10 @@ def test_load_errors(tiny_backbone, tmp_path):
     with pytest.raises(MtpeftError, match="another backbone"):
         ModuleBank.load(d, load_backbone(tiny_backbone.name, seed=1))
     fresh = tiny_backbone_copy(tiny_backbone)
-    # corrupted weights: flip bytes at the end of the file
-    f = d / "modules" / "m0.safetensors"
+    # corrupted weights: flip bytes at the end of the file the manifest names
+    entry = json.loads((d / "manifest.json").read_text())["modules"][0]
+    assert entry["name"] == "m0" and entry["file"] == f"modules/m0.{entry['sha256'][:16]}.safetensors"
+    f = d / entry["file"]
     data = bytearray(f.read_bytes())
     data[-4:] = b"\x00\x01\x02\x03"
     f.write_bytes(bytes(data))
