@@ -8,7 +8,7 @@ from .bank import BankOutput, ModuleBank, read_manifest
 from .io import MtpeftError
 from .modules import MODULE_TYPES, ModuleConfig, ModuleType, register
 from .routing import Routing
-from .scorer import CausalScorer, EncoderScorer, make_scorer
+from .scorer import CausalScorer, EncoderScorer, LabelSpace, make_scorer
 from .suite import builtin_names, load_builtin, load_task
 from .tasks import Task, TaskStream, load_task_file
 from .train import TrainConfig, evaluate, expert_vs_zero_shot, fit_expert, fit_multitask
@@ -21,6 +21,7 @@ __all__ = [
     "BankOutput",
     "CausalScorer",
     "EncoderScorer",
+    "LabelSpace",
     "ModuleBank",
     "ModuleConfig",
     "ModuleType",
