@@ -1,8 +1,8 @@
 """Routers as objects: the per-site call contract, the routing context, following the bank, save/load."""
 import pytest
 import torch
-
 from conftest import batch, make_backbone, perturb
+
 from mtpeft.bank import ModuleBank
 from mtpeft.io import MtpeftError
 from mtpeft.routers import ROUTERS, FixedRouter, Router, TaskIdRouter, register_router
@@ -101,7 +101,7 @@ def test_a_router_can_say_nothing_at_a_site(family):
 def test_task_id_router_equals_one_hot_and_follows_removal(family):
     bank = three_groups(family)
     ids, mask = batch()
-    ctx = lambda: RouteContext.for_tasks(["task-b", "task-d", "task-a"])  # noqa: E731
+    ctx = lambda: RouteContext.for_tasks(["task-b", "task-d", "task-a"])
     router = TaskIdRouter()
     with torch.no_grad():
         got = bank(ids, mask, routing=router, ctx=ctx()).output

@@ -1,6 +1,7 @@
 """The bank of task modules: bookkeeping and growth (``core``), banked layers (``layers``), the input-level
 forward (``input_level``), artifacts (``artifacts``) and persistence (``persist``)."""
-from .core import Group, ModuleBank, ModuleRecord, is_head
+from .core import Group, ModuleBank, ModuleRecord
+from .sites import is_head
 from .input_level import BankOutput
 from .layers import BankedLinear
 from .persist import read_manifest, remove_saved_module

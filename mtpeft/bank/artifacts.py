@@ -61,3 +61,55 @@ class ArtifactStore:
 
     def owners(self, scope: str) -> list[str]:
         return [o for s, o in self._data if s == scope]
+
+
+class ArtifactsAPI:
+    """The bank's artifact methods (``ModuleBank`` inherits them); expects ``_artifacts``, ``groups``,
+    ``index`` and ``_changed`` on the bank."""
+
+    def set_artifact(self, name: str, key: str, value: Tensor) -> None:
+        """Store tensor ``value`` as artifact ``key`` of module ``name`` (saved with the bank, removed with it)."""
+        self.index(name)
+        self._artifacts.set("module", name, key, value)
+        self._changed()
+
+    def artifact(self, name: str, key: str) -> Tensor:
+        self.index(name)
+        return self._artifacts.get("module", name, key)
+
+    def artifacts(self, name: str) -> dict[str, Tensor]:
+        """Every artifact of module ``name``."""
+        self.index(name)
+        return self._artifacts.all("module", name)
+
+    def delete_artifact(self, name: str, key: str) -> bool:
+        gone = self._artifacts.delete("module", name, key)
+        if gone:
+            self._changed()
+        return gone
+
+    def set_group_artifact(self, group: str, key: str, value: Tensor) -> None:
+        """An artifact of a whole group (e.g. a shared prompt), by group key (``bank.group_of(name).key``)."""
+        self._group(group)
+        self._artifacts.set("group", group, key, value)
+        self._changed()
+
+    def group_artifact(self, group: str, key: str) -> Tensor:
+        self._group(group)
+        return self._artifacts.get("group", group, key)
+
+    def group_artifacts(self, group: str) -> dict[str, Tensor]:
+        self._group(group)
+        return self._artifacts.all("group", group)
+
+    def delete_group_artifact(self, group: str, key: str) -> bool:
+        gone = self._artifacts.delete("group", group, key)
+        if gone:
+            self._changed()
+        return gone
+
+    def _group(self, key: str):
+        if key not in self.groups:
+            raise MtpeftError(f"no group {key!r} in the bank; groups: {', '.join(self.groups) or '(none)'} "
+                              "(bank.group_of(module_name).key names a module's group)")
+        return self.groups[key]

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 
 from .. import modules as _modules  # noqa: F401  (registers the built-in module types)
 from ..io import MtpeftError
-from ..modules.base import MODULE_TYPES, ModuleConfig, ModuleType, Stack, match_targets
+from ..modules.base import MODULE_TYPES, ModuleConfig, ModuleType, Stack
 from ..routing import LocalRouting, RouteContext, Routing, SiteFn, check_routing, localize
-from .artifacts import ArtifactStore
+from .artifacts import ArtifactsAPI, ArtifactStore
 from .input_level import BankOutput, InputLevelForward
 from .layers import BankedLinear, BankState
+from .sites import SiteWiring, is_pseudo
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ModuleRecord:
     finalized: bool = False  # training-only reparameterisation dropped (see ModuleBank.finalize)
 
 
-class ModuleBank(InputLevelForward, nn.Module):
+class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
     def __init__(self, backbone):
         super().__init__()
         if getattr(backbone.model, "_mtpeft_bank", False) or any(
@@ -143,7 +144,7 @@ class ModuleBank(InputLevelForward, nn.Module):
         group = self.group_of(which) if isinstance(which, str) else which
         mods = self._sites()
         for site in group.sites:
-            if _is_pseudo(site):
+            if is_pseudo(site):
                 yield site, self.input_stacks[group.key]
             else:
                 yield site, mods[site].stacks[group.key]
@@ -244,81 +245,6 @@ class ModuleBank(InputLevelForward, nn.Module):
             raise
         return idx
 
-    def _install(self, key: str, mtype: type[ModuleType], config: ModuleConfig) -> list[str]:
-        """Create the group's stacks; on failure nothing stays installed."""
-        installed: list[str] = []
-        try:
-            self._install_into(key, mtype, config, installed)
-        except BaseException:
-            self._uninstall(key, installed)
-            raise
-        return installed
-
-    def _install_into(self, key: str, mtype: type[ModuleType], config: ModuleConfig, installed: list[str]) -> None:
-        if mtype.level == "composite":
-            # A composite type (MAM) is several types under one module: each part installs its
-            # stacks under the same group key, so one routing weight drives all of them.
-            for ptype, pconfig in mtype.parts(config):
-                self._install_into(key, ptype, pconfig, installed)
-            return
-        if mtype.level in ("input", "attention"):
-            # One stack for the whole model, at a pseudo-site: "<input>" (prompts: embeddings)
-            # or "<attention>" (prefixes: keys and values of every attention layer).
-            if any(_is_pseudo(x) for x in installed):
-                raise MtpeftError(f"module type {mtype.name!r}: a composite type has two input/attention-level parts")
-            stack = mtype.make_stack(config, None, self.backbone)
-            stack.to(device=self.model.get_input_embeddings().weight.device)
-            site = f"<{mtype.level}>"
-            object.__setattr__(stack, "state", self.state)
-            object.__setattr__(stack, "site", site)
-            self.input_stacks[key] = stack
-            installed.append(site)
-            return
-        mods = self._sites()
-        # Sites already wrapped are found by their BankedLinear name (the base lives at .base).
-        candidates = [n for n, m in mods.items() if isinstance(m, (nn.Linear, BankedLinear))
-                      and not n.endswith(".base") and not is_head(n, self.family)]
-        sites = match_targets(candidates, mtype.targets(self.family, config))
-        if not sites:
-            raise MtpeftError(f"target_modules {mtype.targets(self.family, config)} match no linear layer of "
-                              f"this {self.family} backbone; examples of layer names: {candidates[:6]}")
-        for site in sites:
-            m = self._ensure_wrapped(site)
-            if site in installed:
-                raise MtpeftError(f"module type {mtype.name!r}: two parts of a composite type act on {site}")
-            stack = mtype.make_stack(config, m.base, self.backbone)
-            stack.to(device=m.base.weight.device)
-            object.__setattr__(stack, "state", self.state)  # stacks may read inputs stashed by other sites
-            object.__setattr__(stack, "site", site)
-            m.stacks[key] = stack
-            installed.append(site)
-            for extra in stack.stash_sources(site):
-                self._ensure_wrapped(extra)
-                self._stash_sites.add(extra)
-
-    def _uninstall(self, key: str, sites: list[str]) -> None:
-        mods = self._sites()
-        for site in sites:
-            if _is_pseudo(site):
-                if key in self.input_stacks:
-                    del self.input_stacks[key]
-            elif key in mods[site].stacks:
-                del mods[site].stacks[key]
-
-    def _site_device(self, site: str) -> torch.device:
-        if _is_pseudo(site):
-            return self.model.get_input_embeddings().weight.device
-        return self.model.get_submodule(site).weight.device
-
-    def _ensure_wrapped(self, site: str) -> BankedLinear:
-        m = self.model.get_submodule(site)
-        if not isinstance(m, BankedLinear):
-            if not isinstance(m, nn.Linear):
-                raise MtpeftError(f"{site} is not a linear layer")
-            m = BankedLinear(m, site, self)
-            parent, _, child = site.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child, m)
-        return m
     def remove(self, name: str) -> None:
         """Drop a module with its artifacts; ids of the modules after it shift down by one (the version says so)."""
         i = self.index(name)
@@ -422,54 +348,6 @@ class ModuleBank(InputLevelForward, nn.Module):
                 base.weight.add_(sign * stack.delta_weight(j).to(base.weight.dtype))
             if sign < 0:
                 layer.note_unmerge(name)
-
-    # ---- artifacts ---------------------------------------------------------------------------
-    def set_artifact(self, name: str, key: str, value: Tensor) -> None:
-        """Store tensor ``value`` as artifact ``key`` of module ``name`` (saved with the bank, removed with it)."""
-        self.index(name)
-        self._artifacts.set("module", name, key, value)
-        self._changed()
-
-    def artifact(self, name: str, key: str) -> Tensor:
-        self.index(name)
-        return self._artifacts.get("module", name, key)
-
-    def artifacts(self, name: str) -> dict[str, Tensor]:
-        """Every artifact of module ``name``."""
-        self.index(name)
-        return self._artifacts.all("module", name)
-
-    def delete_artifact(self, name: str, key: str) -> bool:
-        gone = self._artifacts.delete("module", name, key)
-        if gone:
-            self._changed()
-        return gone
-
-    def set_group_artifact(self, group: str, key: str, value: Tensor) -> None:
-        """An artifact of a whole group (e.g. a shared prompt), by group key (``bank.group_of(name).key``)."""
-        self._group(group)
-        self._artifacts.set("group", group, key, value)
-        self._changed()
-
-    def group_artifact(self, group: str, key: str) -> Tensor:
-        self._group(group)
-        return self._artifacts.get("group", group, key)
-
-    def group_artifacts(self, group: str) -> dict[str, Tensor]:
-        self._group(group)
-        return self._artifacts.all("group", group)
-
-    def delete_group_artifact(self, group: str, key: str) -> bool:
-        gone = self._artifacts.delete("group", group, key)
-        if gone:
-            self._changed()
-        return gone
-
-    def _group(self, key: str) -> Group:
-        if key not in self.groups:
-            raise MtpeftError(f"no group {key!r} in the bank; groups: {', '.join(self.groups) or '(none)'} "
-                              "(bank.group_of(module_name).key names a module's group)")
-        return self.groups[key]
 
     # ---- routing -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -576,13 +454,3 @@ class ModuleBank(InputLevelForward, nn.Module):
         from .persist import load_bank
 
         return load_bank(cls, path, backbone, trainable)
-
-
-def _is_pseudo(site: str) -> bool:
-    """Sites of input- and attention-level stacks ("<input>", "<attention>"), not layer paths."""
-    return site.startswith("<")
-
-
-def is_head(name: str, family: str) -> bool:
-    """Output layers a module never targets (the LM head, the pooler)."""
-    return name in ("lm_head", "pooler.dense") or name.endswith(".lm_head")

@@ -27,7 +27,7 @@ from ..io import MtpeftError, read_json, read_tensors, write_json, write_tensors
 from ..registry import Registry
 from ..routing import RouteContext, Routing
 
-ROUTERS: Registry[type["Router"]] = Registry("router")
+ROUTERS: Registry[type[Router]] = Registry("router")
 FORMAT = "mtpeft-router"
 
 
