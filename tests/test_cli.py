@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -82,6 +83,11 @@ def error_of(capsys, *argv) -> str:
 
 def read_manifest_json(bank_dir):
     return json.loads((bank_dir / "manifest.json").read_text())
+
+
+def module_file(bank_dir, name):
+    """The weights file of module ``name``, as the manifest names it (``modules/<name>.<sha16>.safetensors``)."""
+    return bank_dir / next(e["file"] for e in read_manifest_json(bank_dir)["modules"] if e["name"] == name)
 
 
 def load_weights(path):
@@ -225,9 +231,11 @@ def test_train_creates_then_grows_the_bank(trained):
     assert m["format"] == "mtpeft-bank" and m["backbone"]["name"] == "tiny-bert"
     assert [(e["name"], e["type"], e["task"]) for e in m["modules"]] == [("toy-lora", "lora", "toy"),
                                                                         ("my-ia3", "ia3", "toy2")]
-    assert sorted(p.name for p in (d / "modules").iterdir()) == ["my-ia3.safetensors", "toy-lora.safetensors"]
+    assert sorted(p.name for p in (d / "modules").iterdir()) == sorted(
+        module_file(d, n).name for n in ("my-ia3", "toy-lora"))
+    assert all(re.fullmatch(rf"modules/{e['name']}\.{e['sha256'][:16]}\.safetensors", e["file"]) for e in m["modules"])
     # the LoRA was trained: B starts at zero, and the steps moved it
-    w = load_weights(d / "modules" / "toy-lora.safetensors")
+    w = load_weights(module_file(d, "toy-lora"))
     bs = [v for k, v in w.items() if k.endswith("lora_B")]
     assert bs and any(bool((b != 0).any()) for b in bs)
 
@@ -254,7 +262,7 @@ def test_bank_show_json_reports_the_options_and_sizes(capsys, trained):
     assert lora["config"]["r"] == 4  # --option r=4 reached the config (the default is 8)
     assert lora["num_parameters"] == LORA_PARAMS_R4 and lora["num_tensors"] == 8
     assert lora["metrics"]["steps"] == 4 and 0.0 <= lora["metrics"]["best_val_acc"] <= 1.0
-    assert lora["file"] == "modules/toy-lora.safetensors"
+    assert re.fullmatch(r"modules/toy-lora\.[0-9a-f]{16}\.safetensors", lora["file"])
     ia3 = run_json(capsys, "bank", "show", trained["dir"], "my-ia3")
     assert ia3["type"] == "ia3" and ia3["num_parameters"] > 0 and "r" not in ia3["config"]
 
@@ -368,8 +376,8 @@ def test_export_table_output_and_import_back(capsys, trained, bank_copy, tmp_pat
     assert got == {"imported": "back", "bank": str(bank_copy)}
     mods = run_json(capsys, "bank", "ls", bank_copy)["modules"]
     assert [(r["name"], r["type"], r["task"]) for r in mods][-1] == ("back", "lora", "toy")
-    a = load_weights(bank_copy / "modules" / "toy-lora.safetensors")
-    b = load_weights(bank_copy / "modules" / "back.safetensors")
+    a = load_weights(module_file(bank_copy, "toy-lora"))
+    b = load_weights(module_file(bank_copy, "back"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert run_json(capsys, "bank", "show", bank_copy, "back")["config"]["r"] == 4
     # task-id routing now picks the last module added for the task: the imported one
@@ -582,7 +590,7 @@ def test_eval_unknown_module_and_task(capsys, trained, files):
 
 
 def test_corrupted_weights(capsys, bank_copy, files):
-    f = bank_copy / "modules" / "toy-lora.safetensors"
+    f = module_file(bank_copy, "toy-lora")
     data = bytearray(f.read_bytes())
     data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
     f.write_bytes(bytes(data))
@@ -594,7 +602,7 @@ def test_corrupted_weights(capsys, bank_copy, files):
 
 
 def test_unreadable_weights_in_bank_show(capsys, bank_copy):
-    (bank_copy / "modules" / "my-ia3.safetensors").write_bytes(b"not safetensors")
+    module_file(bank_copy, "my-ia3").write_bytes(b"not safetensors")
     msg = error_of(capsys, "bank", "show", bank_copy, "my-ia3")
     assert "corrupted or not safetensors" in msg and "re-create it" in msg
 
@@ -700,7 +708,7 @@ def test_name_with_several_tasks_needs_multitask(capsys, tmp_path, files):
 
 
 def test_bank_rm(capsys, bank_copy):
-    weights = bank_copy / "modules" / "my-ia3.safetensors"
+    weights = module_file(bank_copy, "my-ia3")
     assert weights.is_file()
     rc, out, _ = run(capsys, "bank", "rm", bank_copy, "my-ia3")
     assert rc == 0 and "removed my-ia3" in out

@@ -11,8 +11,6 @@ so caches and routers can tell that what they were built for has changed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
@@ -31,7 +29,7 @@ from ..routing import LocalRouting, RouteContext, Routing, SiteFn, check_routing
 from .artifacts import ArtifactsAPI, ArtifactStore
 from .input_level import BankOutput, InputLevelForward
 from .layers import BankedLinear, BankState
-from .sites import SiteWiring, is_pseudo
+from .sites import SiteWiring, group_key, is_pseudo
 
 
 @dataclass
@@ -199,7 +197,7 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
         elif not isinstance(config, mtype.config_cls):
             raise MtpeftError(f"module type {module_type!r} takes a {mtype.config_cls.__name__}, "
                               f"got {type(config).__name__}")
-        key = f"{module_type}:" + hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        key = group_key(module_type, config)
         # The init depends on (seed, name) only, not on what the bank already holds.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         group = self.groups.get(key)

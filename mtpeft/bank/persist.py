@@ -36,6 +36,7 @@ from pathlib import Path
 from ..io import MtpeftError, read_json, read_tensors, write_bytes, write_json
 from ..modules.base import MODULE_TYPES
 from .artifacts import check_key
+from .sites import group_key as _group_key
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -51,10 +52,8 @@ def _sha256(path: Path) -> str:
 
 
 def group_key(module_type: str, config: dict) -> str:
-    """The key ``ModuleBank.add`` gives the group of modules of this type and config (the same formula:
-    the type, then the first 10 hex digits of the sha1 of the normalised config)."""
-    cfg = MODULE_TYPES.get(module_type).config_cls.from_dict(dict(config)).to_dict()
-    return f"{module_type}:" + hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    """The key ``ModuleBank.add`` gives the group of modules of this type and config (a config as a dict)."""
+    return _group_key(module_type, MODULE_TYPES.get(module_type).config_cls.from_dict(dict(config)))
 
 
 def _stem(owner: str) -> str:
@@ -128,14 +127,14 @@ def save_bank(bank, path: str | Path, only: list[str] | None = None) -> None:
         else:
             data = _serialise(bank.module_parameters(rec.name), {"module": rec.name, "type": rec.type})
             e.update(_put(path, WEIGHTS, rec.name, data))
-        arts = bank._artifacts.all("module", rec.name)
+        arts = bank.artifacts(rec.name)
         if arts:
             e["artifacts"] = _put(path, ARTIFACTS, rec.name,
                                   _serialise(arts, {"scope": "module", "owner": rec.name}))
         entries.append(e)
     groups = []
     for key in bank.groups:
-        arts = bank._artifacts.all("group", key)
+        arts = bank.group_artifacts(key)
         if arts:
             groups.append({"key": key, **_put(path, ARTIFACTS, key, _serialise(arts, {"scope": "group", "owner": key}))})
     manifest = {"format": "mtpeft-bank", "schema_version": SCHEMA_VERSION,

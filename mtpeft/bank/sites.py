@@ -3,6 +3,9 @@ in ``BankedLinear`` on first use, the input- and attention-level stacks at pseud
 inherits this mixin; it holds no state of its own."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from torch import nn
 
@@ -89,6 +92,12 @@ class SiteWiring:
             parent, _, child = site.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, m)
         return m
+
+
+def group_key(module_type: str, config: ModuleConfig) -> str:
+    """The key of the group that modules of this type and config share (their weights stack together): the
+    type, then the first 10 hex digits of the sha1 of the config."""
+    return f"{module_type}:" + hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def is_pseudo(site: str) -> bool:
