@@ -487,3 +487,25 @@ def test_banks_of_the_previous_layout_still_load(name, tmp_path):
     assert not (d / "modules" / "m0.safetensors").exists() and files_in(d) == referenced(d)
     again = ModuleBank.load(d, load_backbone(name, seed=0))
     assert same(snapshot(again), snapshot(loaded))
+
+
+def test_a_failed_load_gives_the_backbone_back(tmp_path):
+    """A bank whose second module's weights do not fit fails to load after the first module was wired in and
+    merged: the backbone comes back unwrapped with its original weights, and takes a good bank."""
+    bank = _bank_a("tiny-bert")
+    bank.merge("m0")
+    bank.save(tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    m = json.loads((tmp_path / "bad" / "manifest.json").read_text())
+    e = next(e for e in m["modules"] if e["name"] == "m3")  # loaded after m0 was added and merged
+    e["config"]["target_modules"] = ["query"]  # no longer the sites of the weights file (its checksum matches)
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps(m))
+    bb = load_backbone("tiny-bert", seed=0)
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    with pytest.raises(MtpeftError, match="do not fit its config"):
+        ModuleBank.load(tmp_path / "bad", bb)
+    assert not any(isinstance(x, BankedLinear) for x in bb.model.modules())
+    after = bb.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    good = ModuleBank.load(tmp_path / "good", bb)
+    assert good.names == ["m0", "m1", "m3"]

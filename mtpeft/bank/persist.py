@@ -223,22 +223,26 @@ def load_bank(cls, path: str | Path, backbone, trainable: bool = False):
                               "the bank")
         group_arts.append((g["key"], _read_artifacts(path, g, f"artifacts of group {g['key']!r}")))
     bank = cls(backbone)
-    for e, tensors, _ in loaded:
-        bank.add_from(e["name"], e["type"], e["config"], tensors, task=e.get("task"), metadata=e.get("metadata"),
-                      trainable=trainable, finalized=bool(e.get("finalized")),
-                      what=f"bank {path}: weights of module {e['name']!r}")
-        bank.records[-1].metrics = dict(e.get("metrics") or {})
-        if e.get("merged"):
-            bank.merge(e["name"])
-    for e, _, arts in loaded:
-        for k, v in arts.items():
-            bank.set_artifact(e["name"], k, v)
-    for key, arts in group_arts:
-        if key not in bank.groups:  # group_key() drifted from ModuleBank.add: a bug, not a bad bank
-            raise MtpeftError(f"bank {path}: saved artifacts of group {key!r} match no group of the loaded bank "
-                              f"({', '.join(bank.groups)}); report this as an mtpeft bug")
-        for k, v in arts.items():
-            bank.set_group_artifact(key, k, v)
+    try:
+        for e, tensors, _ in loaded:
+            bank.add_from(e["name"], e["type"], e["config"], tensors, task=e.get("task"), metadata=e.get("metadata"),
+                          trainable=trainable, finalized=bool(e.get("finalized")),
+                          what=f"bank {path}: weights of module {e['name']!r}")
+            bank.records[-1].metrics = dict(e.get("metrics") or {})
+            if e.get("merged"):
+                bank.merge(e["name"])
+        for e, _, arts in loaded:
+            for k, v in arts.items():
+                bank.set_artifact(e["name"], k, v)
+        for key, arts in group_arts:
+            if key not in bank.groups:  # group_key() drifted from ModuleBank.add: a bug, not a bad bank
+                raise MtpeftError(f"bank {path}: saved artifacts of group {key!r} match no group of the loaded bank "
+                                  f"({', '.join(bank.groups)}); report this as an mtpeft bug")
+            for k, v in arts.items():
+                bank.set_group_artifact(key, k, v)
+    except BaseException:
+        bank.release()  # the backbone is left as it was: another bank can take it
+        raise
     return bank
 
 

@@ -93,6 +93,18 @@ class SiteWiring:
             setattr(self.model.get_submodule(parent) if parent else self.model, child, m)
         return m
 
+    def release(self) -> None:
+        """Give the backbone back as it was: every module removed (merged ones unmerged), every wrapped layer
+        unwrapped, so another bank can take it. This bank is empty afterwards."""
+        for name in list(reversed(self.names)):
+            self.remove(name)
+        for site, m in list(self.model.named_modules()):
+            if isinstance(m, BankedLinear):
+                parent, _, child = site.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, m.base)
+        self._stash_sites.clear()
+        self.model._mtpeft_bank = False
+
 
 def group_key(module_type: str, config: ModuleConfig) -> str:
     """The key of the group that modules of this type and config share (their weights stack together): the
