@@ -127,3 +127,31 @@ def test_causal_scorer_refuses_per_token_routing():
     bank.add("l", "lora")
     with pytest.raises(MtpeftError, match="per-token"):
         make_scorer(bb).logits(bank, ["a sky"], synthetic_task(), Routing(torch.ones(1, 4, 1)))
+
+
+def test_a_router_through_the_scorer_gets_the_batch_tasks_and_texts(tiny_backbone):
+    """Scorers hand a router a RouteContext with each example's task and raw text: task-id routing through
+    the scorer equals the one-hot routing it stands for, in a mixed-task batch."""
+    from mtpeft.routers import TaskIdRouter
+
+    bb = tiny_backbone
+    bank = _bank(bb)
+    bank.add("b", "lora", {"r": 4}, task="two")
+    perturb(bank, "b", seed=5)
+    bank.record("a").task = "one"
+    bank.freeze()
+    scorer = make_scorer(bb)
+    t1, t2 = synthetic_task("one"), synthetic_task("two", labels=("small cat", "dog", "big old bird"))
+    texts, tasks = ["the big apple", "a sky ocean thing", "one"], [t2, t1, t2]
+    seen = []
+
+    class Spy(TaskIdRouter):
+        def route(self, bank, ctx):
+            seen.append((list(ctx.texts), [ctx.task_names[i] for i in ctx.task_ids.tolist()]))
+            return super().route(bank, ctx)
+
+    with torch.no_grad():
+        want = scorer.logits(bank, texts, tasks, Routing.one_hot([1, 0, 1]))
+        got = scorer.logits(bank, texts, tasks, Spy())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert seen == [(texts, ["two", "one", "two"])]

@@ -3,15 +3,14 @@ after a prompt. Batched: one pass over the prompts, then each example's candidat
 row per example, ``label_chunk`` labels per pass, every chunk continuing the prompts' key/value cache."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..io import MtpeftError
-from ..routing import Routing, RoutingLike
-from .common import LRU, as_list, distinct, inputs, need_tasks, pack_candidates, suffixes, to_local
+from ..routing import RouteContext, Routing, RoutingLike
+from .common import LRU, as_list, distinct, inputs, need_tasks, pack_candidates, routed, suffixes, to_local
 from .labels import LabelSpace
 
 
@@ -46,7 +45,7 @@ class CausalScorer:
         return self._label_tokens.get_or(labels.key, tokenize)
 
     def logits(self, bank, texts: Sequence[str], tasks=None, routing: RoutingLike | None = None, *,
-               labels: LabelSpace | None = None, candidates=None) -> Tensor:
+               labels: LabelSpace | None = None, candidates=None, ctx: RouteContext | None = None) -> Tensor:
         """Mean log-probability of each label's tokens after the prompt.
 
         Without ``labels``: ``[B, L_max]``, column ``j`` the ``j``-th label of the example's task, ``-inf``
@@ -64,10 +63,11 @@ class CausalScorer:
         tasks = as_list(tasks, len(texts))
         if labels is None:
             space = LabelSpace.union(distinct(tasks)[0])
-            return to_local(self._score(bank, texts, tasks, routing, space, space.candidates_of(tasks)), space, tasks)
-        return self._score(bank, texts, tasks, routing, labels, labels.candidate_mask(candidates, len(texts)))
+            return to_local(self._score(bank, texts, tasks, routing, space, space.candidates_of(tasks), ctx), space,
+                            tasks)
+        return self._score(bank, texts, tasks, routing, labels, labels.candidate_mask(candidates, len(texts)), ctx)
 
-    def _score(self, bank, texts, tasks, routing, space: LabelSpace, mask: Tensor) -> Tensor:
+    def _score(self, bank, texts, tasks, routing, space: LabelSpace, mask: Tensor, ctx=None) -> Tensor:
         if isinstance(routing, Routing) and routing.per_token:
             raise MtpeftError("the causal scorer takes per-example routing ([batch, K] weights) or a per-layer "
                               "router: per-token weights given for the prompt cannot cover the label tokens")
@@ -77,7 +77,7 @@ class CausalScorer:
         order, _ = pack_candidates(mask)  # [B, K] global ids, each example's candidates first
         ids, lengths = self.label_tokens(space)
         lab, l_len = ids[order], lengths[order]  # [B, K, Tl], [B, K]
-        with bank.route(routing) if routing is not None else contextlib.nullcontext():  # None: the scope's
+        with routed(bank, routing, texts, tasks, ctx):  # routing None: the caller's scope
             first = bank(prompt.to(dev), (torch.arange(prompt.shape[1]) < p_len[:, None]).long().to(dev),
                          use_cache=True)
             h_last = first.output[:, first.n_virtual:][torch.arange(B, device=dev), (p_len - 1).to(dev)]  # [B, H]

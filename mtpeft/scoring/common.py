@@ -1,6 +1,7 @@
 """What both scorers share: per-example tasks, the bare-backbone scope, small caches, local columns."""
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..io import MtpeftError
+from ..routing import RouteContext, Routing
 from .labels import LabelSpace
 
 # The prompt suffix when no task is given (a label space alone): Task's default.
@@ -95,3 +97,16 @@ class LRU(OrderedDict):
         while len(self) > self.size:
             self.popitem(last=False)
         return value
+
+
+def routed(bank, routing, texts: Sequence[str], tasks: list | None, ctx: RouteContext | None = None):
+    """The scope a scorer runs its forwards in: ``routing`` None is the caller's scope; a router gets ``ctx``,
+    by default the batch's raw texts and task names (so task-id and text-aware routers work through a scorer)."""
+    if routing is None:
+        return contextlib.nullcontext()
+    if isinstance(routing, Routing):
+        return bank.route(routing)
+    if ctx is None:
+        names = None if tasks is None else [t.name for t in tasks]
+        ctx = RouteContext.for_tasks(names, texts=list(texts)) if names else RouteContext(texts=list(texts))
+    return bank.route(routing, ctx)

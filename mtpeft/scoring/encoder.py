@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..routing import RoutingLike
-from .common import LRU, as_list, bare, distinct, inputs, need_tasks
+from ..routing import RouteContext, RoutingLike
+from .common import LRU, as_list, bare, distinct, inputs, need_tasks, routed
 from .labels import LabelSpace
 
 _LABEL_BATCH = 256  # label texts embedded per forward
@@ -54,7 +54,7 @@ class EncoderScorer:
         return self._label_cache.get_or(key, embed)
 
     def logits(self, bank, texts: Sequence[str], tasks=None, routing: RoutingLike | None = None, *,
-               labels: LabelSpace | None = None, candidates=None) -> Tensor:
+               labels: LabelSpace | None = None, candidates=None, ctx: RouteContext | None = None) -> Tensor:
         """Similarity logits of each text against labels.
 
         Without ``labels``: ``[B, L_max]``, column ``j`` the ``j``-th label of the example's task, ``-inf``
@@ -65,7 +65,8 @@ class EncoderScorer:
         """
         need_tasks(tasks, labels)
         tasks = as_list(tasks, len(texts))
-        x = self.encode(bank, inputs(tasks, texts), routing)
+        with routed(bank, routing, texts, tasks, ctx):
+            x = self.encode(bank, inputs(tasks, texts))
         if labels is not None:
             mask = labels.candidate_mask(candidates, len(texts)).to(x.device)
             sims = x @ self.label_embeddings(bank, labels).t()
