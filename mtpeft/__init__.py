@@ -7,7 +7,7 @@ from .backbone import Backbone, load_backbone
 from .bank import BankOutput, ModuleBank, read_manifest
 from .io import MtpeftError
 from .modules import MODULE_TYPES, ModuleConfig, ModuleType, register
-from .routing import Routing
+from .routing import RouteContext, Routing
 from .scorer import CausalScorer, EncoderScorer, LabelSpace, make_scorer
 from .suite import builtin_names, load_builtin, load_task
 from .tasks import Task, TaskStream, load_task_file
@@ -26,6 +26,7 @@ __all__ = [
     "ModuleConfig",
     "ModuleType",
     "MtpeftError",
+    "RouteContext",
     "Routing",
     "Task",
     "TaskStream",
