@@ -224,3 +224,29 @@ def test_bad_router_outputs_are_refused():
         bank(ids, mask, routing=3)
     with pytest.raises(MtpeftError, match="needs the task of each example"):
         bank(ids, mask, routing=TaskIdRouter())
+
+
+def test_the_example_router_routes_each_input_to_its_nearest_centroid():
+    """examples/custom_router.py: centroids kept as artifacts, the context's pooled embedding, one-hot routing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "custom_router.py"
+    spec = importlib.util.spec_from_file_location("custom_router_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    bank = three_groups("encoder")
+    ids, mask = batch()
+    pooled = bank.pooled(ids, mask)
+    # centroids: example 0 and 2 are nearest to module d's, example 1 to module a's
+    bank.set_artifact("a", "centroid", pooled[1])
+    bank.set_artifact("d", "centroid", (pooled[0] + pooled[2]) / 2)
+    router = mod.NearestCentroid(["a", "d"])
+    with torch.no_grad():
+        got = bank(ids, mask, routing=router).output
+        want = bank(ids, mask, routing=Routing.one_hot([3, 0, 3])).output
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    bank.remove("b")  # d's id shifts to 2: the router follows it by name
+    with torch.no_grad():
+        torch.testing.assert_close(bank(ids, mask, routing=router).output,
+                                   bank(ids, mask, routing=Routing.one_hot([2, 0, 2])).output, atol=1e-6, rtol=0)
