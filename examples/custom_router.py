@@ -41,7 +41,15 @@ def main(argv=None):
     ap.add_argument("--max-examples", type=int, default=300)
     args = ap.parse_args(argv)
 
-    from mtpeft import LabelSpace, ModuleBank, TrainConfig, fit_expert, load_backbone, load_builtin, make_scorer
+    from mtpeft import (
+        LabelSpace,
+        ModuleBank,
+        TrainConfig,
+        fit_expert,
+        load_backbone,
+        load_builtin,
+        make_scorer,
+    )
 
     bb = load_backbone("minilm")
     bank, scorer = ModuleBank(bb), make_scorer(bb)
