@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from conftest import perturb, synthetic_task
+from test_scorer import _causal_reference
 
 from mtpeft.backbone import load_backbone
 from mtpeft.bank import ModuleBank
@@ -160,16 +161,6 @@ def test_union_space_scoring_equals_per_task_scoring(tiny_backbone, tweets):
         mixed = scorer.logits(bank, texts, tweets, r, labels=grown, candidates=grown.candidates_of(tweets))
         per_task = scorer.logits(bank, texts, tweets, r)
         torch.testing.assert_close(mixed[:, [2, 3, 0]], per_task, atol=1e-5, rtol=1e-5)
-
-
-def _causal_reference(bank, tok, prompt, label, module):
-    """The definition: prompt + label as one sequence, alone, through the bank; mean label-token log-prob."""
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    lab = tok(" " + label, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p + lab])
-    out = bank(ids, torch.ones_like(ids), routing=Routing.one_hot([module]))
-    logp = bank.lm_head(out.output[:, out.n_virtual:]).log_softmax(-1)[0]
-    return torch.stack([logp[len(p) - 1 + j, t] for j, t in enumerate(lab)]).mean()
 
 
 def test_mixed_batch_against_candidate_sets_equals_each_example_alone(tiny_backbone):
