@@ -71,7 +71,7 @@ def _load_tasks(args) -> list:
 # A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
 TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
                   "max_examples": None, "seed": 0, "multitask": False, "sampling": "proportional", "lr": 1e-3,
-                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2}
+                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None}
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
 
 
@@ -92,6 +92,9 @@ def load_run_config(path: str | Path) -> dict:
         v = conf.get(key, [])
         if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
             raise MtpeftError(f"run config {path}: {key!r} must be a list of strings")
+    if conf.get("run_dir") is not None and not isinstance(conf["run_dir"], str):
+        raise MtpeftError(f"run config {path}: 'run_dir' must be a directory path (a string), "
+                          f"got {conf['run_dir']!r}")
     return conf
 
 
@@ -121,6 +124,10 @@ def _check_train_args(args) -> None:
     for flag, value, ok, want in checks:
         if not ok:
             raise MtpeftError(f"{flag} {value} is out of range; give {want}")
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MtpeftError(f"--run-dir {run_dir} is a file, not a directory; give a directory for the fits' logs")
 
 
 def _module_for_task(bank, task: str) -> str:
@@ -180,7 +187,8 @@ def cmd_train(args):
             raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
                               "name, or choose another --out")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs, max_steps=args.max_steps,
-                      patience=args.patience, seed=args.seed, progress=not args.json)
+                      patience=args.patience, seed=args.seed, progress=not args.json,
+                      run_dir=None if args.run_dir is None else str(args.run_dir))
     rows = []
     if args.multitask:
         (name,) = names
@@ -198,7 +206,10 @@ def cmd_train(args):
             rows.append(dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"]))
             bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
     bank.save(args.out)
-    emit(args, {"bank": str(args.out), "results": rows}, rows,
+    obj = {"bank": str(args.out), "results": rows}
+    if args.run_dir is not None:
+        obj["run_dir"] = str(args.run_dir)
+    emit(args, obj, rows,
          ["module", "task", "n", "accuracy", "majority", "steps"], title=f"trained into {args.out}")
 
 
@@ -305,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-epochs", type=int, default=None, help="default 3")
     s.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps (default -1: none)")
     s.add_argument("--patience", type=int, default=None, help="early-stopping patience in validations (default 2)")
+    s.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
+                   help="write each fit's training curves (Lightning's CSV logger: metrics.csv with train/loss "
+                   "per step, val/acc and val/loss per validation, hparams.yaml) to DIR/<module name>/ "
+                   "(default: no logs)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="accuracy of a bank's modules with task-id routing")

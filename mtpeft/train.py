@@ -1,8 +1,10 @@
-"""High-level phases: fit one expert, fit a shared multitask module, evaluate with task-id routing."""
+"""High-level phases: any phase that trains (``fit_phase``: a router, what trains, an objective), one expert,
+a shared multitask module; evaluation with task-id routing."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .io import MtpeftError
 from .routing import Routing
 
 
@@ -26,15 +27,23 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     val_check_interval: float | int | None = None
-    seed: int = 0
+    seed: int = 0  # the run's seed; each fit derives its own from it and the fit's name (fit_seed)
     progress: bool = True
+    run_dir: str | None = None  # Lightning's CSV logs of each fit under <run_dir>/<fit name>/ (None: no logs)
 
 
-def _trainer(cfg: TrainConfig, callbacks):
+def fit_seed(seed: int, name: str) -> int:
+    """The seed of one fit: a stable hash of the run's seed and the fit's name (the same on every machine and
+    run, different for each fit), for ``seed_everything`` and the data order."""
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(seed, workers=True, verbose=False)
     # checked after each validation, not at the end of each training epoch: a run capped by max_steps
     # before its first validation has no val/acc yet, and that must not stop (or crash) the fit
     cb = [EarlyStopping(monitor="val/acc", mode="max", patience=cfg.patience, check_on_train_epoch_end=False),
@@ -44,7 +53,14 @@ def _trainer(cfg: TrainConfig, callbacks):
         kw["val_check_interval"] = cfg.val_check_interval
         if isinstance(cfg.val_check_interval, int):  # every N steps, across epoch boundaries
             kw["check_val_every_n_epoch"] = None
-    return L.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=cb, logger=False,
+    logger = False
+    if cfg.run_dir is not None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        # version "": the files land in <run_dir>/<name>/ itself (metrics.csv, hparams.yaml), one row per step
+        logger = CSVLogger(save_dir=os.fspath(cfg.run_dir), name=name, version="")
+        kw["log_every_n_steps"] = 1
+    return L.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=cb, logger=logger,
                      enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
                      accelerator="auto", devices=1, num_sanity_val_steps=0, deterministic=False, **kw)
 
@@ -67,38 +83,57 @@ def _quiet_lightning():
                 lg.setLevel(lv)
 
 
-def _fit(bank, scorer, tasks, module_of_task, cfg: TrainConfig, sampling: str = "proportional") -> dict:
-    from .lightning import ExpertModule, KeepBest, TaskDataModule
+def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = None, *, objective=None,
+              router_lr: float | None = None, name: str = "phase", sampling: str = "proportional", labels=None,
+              callbacks: Sequence = ()) -> dict:
+    """Train whatever has ``requires_grad`` among the bank's modules and ``router``'s parameters on ``tasks``,
+    routed by ``router``, minimising ``objective`` (default cross-entropy); keep the best validation state.
 
+    ``name`` names the fit: its seed is ``fit_seed(cfg.seed, name)`` and, with ``cfg.run_dir``, its logs
+    go to ``<run_dir>/<name>/metrics.csv``. On a failed or interrupted fit every trainable parameter is put
+    back as it was. ``callbacks``: more Lightning callbacks (run before the one that keeps the best state).
+    Returns best_val_acc, best_epoch, steps, train_seconds, seed.
+    """
+    from .lightning import KeepBest, PhaseModule, TaskDataModule
+
+    cfg = cfg or TrainConfig()
+    tasks = list(tasks)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if not any(p.requires_grad for p in bank.parameters()):
-        raise MtpeftError("nothing to train: every module of the bank is frozen")
-    module = ExpertModule(bank, scorer, tasks, module_of_task, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          warmup_steps=cfg.warmup_steps)
-    dm = TaskDataModule(tasks, batch_size=cfg.batch_size, sampling=sampling, seed=cfg.seed)
+    module = PhaseModule(bank, scorer, tasks, router, objective=objective, lr=cfg.lr, router_lr=router_lr,
+                         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, labels=labels)
+    module.param_groups()  # nothing to train: say so before Lightning starts
+    seed = fit_seed(cfg.seed, name)
+    dm = TaskDataModule(tasks, batch_size=cfg.batch_size, sampling=sampling, seed=seed)
     steps_per_epoch = -(-sum(len(t.splits["train"]) for t in tasks) // cfg.batch_size)
     if cfg.val_check_interval is None and cfg.max_steps > 0:
         # validate about once an epoch, at steps that land on the cap, so the last steps are not thrown away
         n_val = -(-cfg.max_steps // steps_per_epoch)
         cfg = dataclasses.replace(cfg, val_check_interval=max(1, cfg.max_steps // n_val))
     keep = KeepBest()
+    before = module.snapshot()
     t0 = time.perf_counter()
-    with _quiet_lightning():
-        trainer = _trainer(cfg, [keep])
-        trainer.fit(module, datamodule=dm)
+    try:
+        with _quiet_lightning():
+            trainer = _trainer(cfg, [*callbacks, keep], seed, name)
+            trainer.fit(module, datamodule=dm)
+    except BaseException:
+        module.load_state_dict(before, strict=False)  # what trains is as it was before the fit
+        raise
     return {"best_val_acc": keep.best, "best_epoch": keep.best_epoch, "steps": trainer.global_step,
-            "train_seconds": round(time.perf_counter() - t0, 2)}
+            "train_seconds": round(time.perf_counter() - t0, 2), "seed": seed}
 
 
 def fit_expert(bank, scorer, task, name: str | None = None, module_type: str = "lora", config=None,
                cfg: TrainConfig | None = None) -> dict:
     """Add a module for ``task`` to the bank and train it alone (everything else frozen); freeze it after."""
+    from .routers import TaskIdRouter
+
     cfg = cfg or TrainConfig()
     name = name or f"{task.name}-{module_type}"
     bank.freeze()
-    idx = bank.add(name, module_type, config, task=task.name, seed=cfg.seed)
+    bank.add(name, module_type, config, task=task.name, seed=cfg.seed)
     try:
-        metrics = _fit(bank, scorer, [task], [idx], cfg)
+        metrics = fit_phase(bank, scorer, [task], TaskIdRouter({task.name: name}), cfg, name=name)
     except BaseException:
         bank.remove(name)  # a failed or interrupted fit leaves the bank as it was
         raise
@@ -113,12 +148,16 @@ def fit_expert(bank, scorer, task, name: str | None = None, module_type: str = "
 def fit_multitask(bank, scorer, tasks: Sequence, name: str = "multitask", module_type: str = "lora", config=None,
                   cfg: TrainConfig | None = None, sampling: str = "proportional") -> dict:
     """Train one shared module on a mixture of tasks."""
+    from .routers import TaskIdRouter
+
     cfg = cfg or TrainConfig()
+    tasks = list(tasks)
     bank.freeze()
-    idx = bank.add(name, module_type, config, task=None, seed=cfg.seed,
-                   metadata={"tasks": [t.name for t in tasks], "sampling": sampling})
+    bank.add(name, module_type, config, task=None, seed=cfg.seed,
+             metadata={"tasks": [t.name for t in tasks], "sampling": sampling})
     try:
-        metrics = _fit(bank, scorer, list(tasks), [idx] * len(tasks), cfg, sampling=sampling)
+        metrics = fit_phase(bank, scorer, tasks, TaskIdRouter({t.name: name for t in tasks}), cfg, name=name,
+                            sampling=sampling)
     except BaseException:
         bank.remove(name)
         raise

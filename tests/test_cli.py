@@ -662,6 +662,38 @@ def test_config_file_fills_what_flags_leave_out(capsys, tmp_path, files):
     assert (cfg["r"], cfg["alpha"]) == (2, 4)
 
 
+def test_run_dir_writes_each_fits_curves(capsys, tmp_path, files):
+    run_dir = tmp_path / "run"
+    got = run_json(capsys, "train", "--backbone", "tiny-bert", "--module", "lora", "--option", "r=2",
+                   "--task-file", f"toy={files['csv']}", "--task-file", f"toy2={files['jsonl']}",
+                   "--out", tmp_path / "b", "--max-steps", 3, "--run-dir", run_dir)
+    assert got["run_dir"] == str(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["toy-lora", "toy2-lora"]  # one directory per fit
+    for row in got["results"]:
+        with open(run_dir / row["module"] / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len([r for r in rows if r["train/loss"]]) == row["steps"] == 3
+        assert [r for r in rows if r["val/acc"]], "no validation row"
+    # a run file key too (the flag wins over it); without either, no logs and no run_dir in the output
+    conf = write_config(tmp_path / "run.json", backbone="tiny-bert", module="ia3", max_steps=2,
+                        task_files=[f"toy={files['csv']}"], run_dir=str(tmp_path / "from-file"))
+    run_json(capsys, "train", "--config", conf, "--out", tmp_path / "b")
+    assert (tmp_path / "from-file" / "toy-ia3" / "metrics.csv").is_file()
+    got = run_json(capsys, "train", "--config", conf, "--out", tmp_path / "b", "--name", "flag", "--run-dir", run_dir)
+    assert (run_dir / "flag" / "metrics.csv").is_file() and not (tmp_path / "from-file" / "flag").exists()
+    got = run_json(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}", "--name", "none",
+                   "--out", tmp_path / "b", "--max-steps", 1)
+    assert "run_dir" not in got
+    # a file is not a run directory; --help says what it is for
+    (tmp_path / "afile").write_text("x")
+    msg = error_of(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}",
+                   "--out", tmp_path / "c", "--run-dir", tmp_path / "afile")
+    assert "--run-dir" in msg and "is a file" in msg and not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "metrics.csv" in " ".join(capsys.readouterr().out.split())
+
+
 def test_shipped_configs_are_valid(capsys):
     """Every file under configs/ names known keys, known tasks and a known module type with valid options."""
     from pathlib import Path
@@ -688,6 +720,7 @@ def test_shipped_configs_are_valid(capsys):
     ('{"learning_rate": 0.1}', "unknown key(s) ['learning_rate']"),
     ('{"options": [1]}', "'options' must be a mapping"),
     ('{"tasks": "bbc_topic"}', "'tasks' must be a list of strings"),
+    ('{"run_dir": 3}', "'run_dir' must be a directory path"),
 ])
 def test_bad_config_files(capsys, tmp_path, content, problem):
     yaml_like = not content.startswith(("{", "["))

@@ -1,5 +1,7 @@
-"""Lightning phases: data modules and the modules that train bank experts."""
+"""Lightning phases: data modules, the one module every phase that trains runs on, and objectives."""
 from .data import TaskDataModule, mixture_weights
-from .expert import ExpertModule, KeepBest
+from .objectives import OBJECTIVES, CrossEntropy, Objective, make_objective, register_objective
+from .phase import KeepBest, PhaseModule
 
-__all__ = ["ExpertModule", "KeepBest", "TaskDataModule", "mixture_weights"]
+__all__ = ["OBJECTIVES", "CrossEntropy", "KeepBest", "Objective", "PhaseModule", "TaskDataModule",
+           "make_objective", "mixture_weights", "register_objective"]
