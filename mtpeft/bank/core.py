@@ -367,7 +367,7 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
                 check(self)  # a router built for another state of the bank refuses (or rebinds) here
             routing = None
         snap = st.snapshot()
-        st.routing, st.router, st.ctx, st.bare, st.local, st.stash, st.checked = routing, router, ctx, False, {}, {}, False
+        st.routing, st.router, st.ctx, st.bare, st.local, st.stash, st.resolved = routing, router, ctx, False, {}, {}, False
         try:
             yield self
         finally:
@@ -407,14 +407,14 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
             if st.ctx is None:
                 st.ctx = ctx or RouteContext()
             st.ctx.bind(input_ids, attention_mask, lambda: self.pooled(input_ids, attention_mask))
-            if not st.router.per_site and not st.checked:  # a per-example router: once per scope
+            if not st.router.per_site and not st.resolved:  # a per-example router: once per scope
                 r = st.router.route(self, st.ctx)
                 if r is not None:
                     if not isinstance(r, Routing):
                         raise MtpeftError(f"router {type(st.router).__name__}.route returned {type(r).__name__}; "
                                           "return a Routing (or None: no module)")
                     check_routing(r, len(self))
-                st.routing, st.checked = r, True
+                st.routing, st.resolved = r, True
         return self._run(input_ids, attention_mask, kwargs)
 
     @torch.no_grad()

@@ -28,17 +28,17 @@ class BankState:
         self.bare = False
         self.local: dict[str, LocalRouting | None] = {}
         self.stash: dict[str, Tensor] = {}
-        self.checked = False  # the static routing's module ids were checked against the bank
+        self.resolved = False  # a per-example router in scope has been asked once (its answer is in routing)
 
     @property
     def active(self) -> bool:
         return not self.bare and (self.routing is not None or self.router is not None)
 
     def snapshot(self) -> tuple:
-        return (self.routing, self.router, self.ctx, self.bare, self.local, self.stash, self.checked)
+        return (self.routing, self.router, self.ctx, self.bare, self.local, self.stash, self.resolved)
 
     def restore(self, snap: tuple) -> None:
-        (self.routing, self.router, self.ctx, self.bare, self.local, self.stash, self.checked) = snap
+        (self.routing, self.router, self.ctx, self.bare, self.local, self.stash, self.resolved) = snap
 
 
 class BankedLinear(nn.Module):
