@@ -762,7 +762,9 @@ def test_broken_pipe_is_quiet():
             "def flood(args):\n"
             "    for _ in range(200000):\n"
             "        print('row ' * 20)\n"
-            "c.cmd_tasks = flood\n"
+            "p = c.build_parser()\n"
+            "c.build_parser = lambda: p\n"
+            "p._subparsers._group_actions[0].choices['tasks'].set_defaults(func=flood)\n"
             "raise SystemExit(c.main(['tasks']))\n")
     p = subprocess.run(f"{sys.executable} -c \"$PROG\" | head -n 1", shell=True, capture_output=True, text=True,
                        env={**__import__('os').environ, "PROG": prog}, timeout=120, check=False)
