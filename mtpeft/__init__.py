@@ -1,17 +1,54 @@
 """mtpeft: continual and multi-task learning with banks of parameter-efficient task modules.
 
-The public API, re-exported explicitly. Importing registers the built-in module types and does
-nothing else (no files, no network, no global state).
+The public API, re-exported explicitly. Importing loads nothing heavy: each name is imported on first
+use (the module types register themselves then). No files, no network, no global state.
 """
-from .backbone import Backbone, load_backbone
-from .bank import BankOutput, ModuleBank, read_manifest
-from .io import MtpeftError
-from .modules import MODULE_TYPES, ModuleConfig, ModuleType, register
-from .routing import RouteContext, Routing
-from .scorer import CausalScorer, EncoderScorer, LabelSpace, make_scorer
-from .suite import builtin_names, load_builtin, load_task
-from .tasks import Task, TaskStream, load_task_file
-from .train import TrainConfig, evaluate, expert_vs_zero_shot, fit_expert, fit_multitask
+# name -> the submodule that defines it; imported on first use (PEP 562), so `import mtpeft` and
+# `mtpeft --help` load no torch. A new public name: one line here and one in __all__.
+_LAZY = {
+    "Backbone": ".backbone",
+    "load_backbone": ".backbone",
+    "BankOutput": ".bank",
+    "ModuleBank": ".bank",
+    "read_manifest": ".bank",
+    "MtpeftError": ".io",
+    "MODULE_TYPES": ".modules",
+    "ModuleConfig": ".modules",
+    "ModuleType": ".modules",
+    "register": ".modules",
+    "RouteContext": ".routing",
+    "Routing": ".routing",
+    "CausalScorer": ".scorer",
+    "EncoderScorer": ".scorer",
+    "LabelSpace": ".scorer",
+    "make_scorer": ".scorer",
+    "builtin_names": ".suite",
+    "load_builtin": ".suite",
+    "load_task": ".suite",
+    "Task": ".tasks",
+    "TaskStream": ".tasks",
+    "load_task_file": ".tasks",
+    "TrainConfig": ".train",
+    "evaluate": ".train",
+    "expert_vs_zero_shot": ".train",
+    "fit_expert": ".train",
+    "fit_multitask": ".train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mtpeft' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from .errors import MtpeftError
 
-class MtpeftError(Exception):
-    """A user-facing error: the message names the problem and the fix."""
+__all__ = ["MtpeftError"]  # re-exported: older code imports it from here
 
 
 def cache_dir() -> Path:

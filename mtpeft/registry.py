@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .io import MtpeftError
+from .errors import MtpeftError
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 
-from ..io import MtpeftError
+from ..errors import MtpeftError
 from . import bank, evaluate, train
 from .common import emit, table
 from .train import TRAIN_CONFIG_KEYS, TRAIN_DEFAULTS, load_run_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import MtpeftError
+from ..errors import MtpeftError
 from .common import emit
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ..io import MtpeftError
+from ..errors import MtpeftError
 
 
 # ---- output helpers ------------------------------------------------------------------------------

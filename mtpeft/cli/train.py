@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import MtpeftError
+from ..errors import MtpeftError
 from .common import _common, _load_tasks, _task_args, emit
 
 # A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
