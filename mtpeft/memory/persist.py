@@ -1,0 +1,247 @@
+"""Replay memories on disk, crash-safe, validated, never pickled.
+
+A memory directory holds::
+
+    manifest.json                      the one commit point: format, version, settings, policy and rng
+                                       states, and {file, sha256} of each file below
+    vectors.<sha16>.safetensors        ``ids`` int64 [n] and ``embeddings`` float32 [n, dim], in row order
+    payloads.<sha16>.json              the examples, [text, label id, task, label space] per row
+    index.<sha16>.faiss                the IVF index in FAISS's own format (only once it is built)
+
+Files are named by their content and written first (atomically); then ``manifest.json`` is replaced (the
+commit); then files it does not name are deleted. A crash leaves the old memory or the new one.
+
+Loading checks, before building anything: the manifest (format, version, every field's type and range),
+each file's name (a plain name in the directory, no symlink) and sha256, the vectors (keys, dtypes,
+shapes, finite values, distinct ids below ``next_id``), the payloads (one well-formed example per row),
+the policy and rng states, and the FAISS index (its type, dimension, metric, trained, and exactly the
+stored ids). Any problem is an ``MtpeftError`` naming the file and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MtpeftError
+from ..io import read_json, write_bytes, write_json
+from .example import Example
+from .index import IVFConfig
+
+FORMAT, VERSION = "mtpeft-memory", 1
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^(vectors|payloads|index)\.[0-9a-f]{16}\.(safetensors|json|faiss)$")
+_EXT = {"vectors": "safetensors", "payloads": "json", "index": "faiss"}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _put(path: Path, kind: str, data: bytes) -> dict:
+    sha = _sha(data)
+    name = f"{kind}.{sha[:16]}.{_EXT[kind]}"
+    f = path / name
+    if f.is_symlink() or not f.is_file() or _sha(f.read_bytes()) != sha:
+        write_bytes(f, data)
+    return {"file": name, "sha256": sha}
+
+
+def _vectors_bytes(mem) -> bytes:
+    from safetensors.torch import save
+
+    return save({"ids": mem.index.ids.clone(), "embeddings": mem.index.embeddings.clone()})
+
+
+def save_memory(mem, path: str | Path) -> None:
+    import faiss
+
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise MtpeftError(f"cannot save a memory to {path}: it is a file or a symlink; give a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    files = {"vectors": _put(path, "vectors", _vectors_bytes(mem)),
+             "payloads": _put(path, "payloads", json.dumps([e.to_json() for e in mem._examples]).encode())}
+    if mem.index.ivf is not None:
+        files["index"] = _put(path, "index", faiss.serialize_index(mem.index.ivf).tobytes())
+    cfg = mem.index.cfg
+    manifest = {
+        "format": FORMAT, "version": VERSION, "dim": mem.dim, "capacity": mem.capacity, "size": len(mem),
+        "next_id": mem.next_id, "seed": mem.seed, "exact_limit": mem.index.exact_limit,
+        "ivf": {"nlist": cfg.nlist, "nprobe": cfg.nprobe, "train_per_list": cfg.train_per_list,
+                "niter": cfg.niter, "seed": cfg.seed},
+        "policy": {"name": mem.policy.name, "state": mem.policy.state_dict()},
+        "rng": {"policy": _rng_state(mem._policy_rng), "sample": _rng_state(mem._sample_rng)},
+        "files": files,
+    }
+    write_json(path / MANIFEST, manifest)  # the commit point
+    keep = {f["file"] for f in files.values()} | {MANIFEST}
+    for f in path.iterdir():
+        if f.name not in keep and (_NAME.match(f.name) or f.name.startswith(f".{MANIFEST}.")):
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+
+
+def _rng_state(rng) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _bad(path: Path, what: str, fix: str = "restore it from a backup or re-create the memory") -> MtpeftError:
+    return MtpeftError(f"replay memory {path}: {what}; {fix}")
+
+
+def _int(m: dict, key: str, path: Path, lo: int = 0) -> int:
+    v = m.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise _bad(path, f"{MANIFEST} field {key!r} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def read_memory_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise MtpeftError(f"{path} is not a saved replay memory (no {MANIFEST}); give the directory "
+                          "ReplayMemory.save wrote")
+    m = read_json(path / MANIFEST, what="replay memory manifest")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise _bad(path, f"{MANIFEST} is not a replay memory manifest (format {FORMAT!r})")
+    if m.get("version") != VERSION:
+        raise _bad(path, f"format version {m.get('version')!r}, this mtpeft reads version {VERSION}",
+                   "upgrade mtpeft or re-create the memory")
+    for key, lo in (("dim", 1), ("capacity", 1), ("size", 0), ("next_id", 0), ("exact_limit", 1), ("seed", 0)):
+        _int(m, key, path, lo)
+    if m["size"] > m["capacity"] or m["size"] > m["next_id"]:
+        raise _bad(path, f"size {m['size']} exceeds the capacity {m['capacity']} or the ids given ({m['next_id']})")
+    ivf = m.get("ivf")
+    keys = {"nlist", "nprobe", "train_per_list", "niter", "seed"}
+    if not isinstance(ivf, dict) or set(ivf) != keys or not all(
+            (isinstance(ivf[k], int) and not isinstance(ivf[k], bool) and ivf[k] >= (0 if k == "seed" else 1))
+            or (k == "nlist" and ivf[k] is None) for k in keys):
+        raise _bad(path, f"{MANIFEST} field 'ivf' must hold positive integers {sorted(keys)}, got {str(ivf)[:120]}")
+    pol = m.get("policy")
+    if not isinstance(pol, dict) or not isinstance(pol.get("name"), str) or "state" not in pol:
+        raise _bad(path, f"{MANIFEST} field 'policy' must be {{'name': ..., 'state': ...}}")
+    if not isinstance(m.get("rng"), dict) or set(m["rng"]) != {"policy", "sample"}:
+        raise _bad(path, f"{MANIFEST} field 'rng' must hold the 'policy' and 'sample' generator states")
+    files = m.get("files")
+    if not isinstance(files, dict) or not {"vectors", "payloads"} <= set(files) <= {"vectors", "payloads", "index"}:
+        raise _bad(path, f"{MANIFEST} field 'files' must name 'vectors', 'payloads' and optionally 'index'")
+    for kind, ref in files.items():
+        ok = (isinstance(ref, dict) and set(ref) == {"file", "sha256"} and isinstance(ref["file"], str)
+              and _NAME.match(ref["file"]) and ref["file"].split(".")[0] == kind and isinstance(ref["sha256"], str))
+        if not ok:
+            raise _bad(path, f"{MANIFEST} names {str(ref)[:120]} as its {kind} file: not a plain "
+                             f"'{kind}.<hash>.{_EXT[kind]}' name inside the memory's directory")
+    return m
+
+
+def _read(path: Path, ref: dict, kind: str) -> bytes:
+    f = path / ref["file"]
+    if f.is_symlink() or not f.is_file():
+        raise _bad(path, f"its {kind} file {ref['file']} is missing (or a symlink)")
+    data = f.read_bytes()
+    if _sha(data) != ref["sha256"]:
+        raise _bad(path, f"its {kind} file {ref['file']} is corrupted or truncated (checksum mismatch)")
+    return data
+
+
+def _vectors(path: Path, data: bytes, m: dict):
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        t = load(data)
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise _bad(path, f"its vectors file is not valid safetensors ({e})") from None
+    n, d = m["size"], m["dim"]
+    if set(t) != {"ids", "embeddings"}:
+        raise _bad(path, f"its vectors file holds {sorted(t)}, expected ['embeddings', 'ids']")
+    ids, emb = t["ids"], t["embeddings"]
+    if ids.dtype != torch.int64 or tuple(ids.shape) != (n,):
+        raise _bad(path, f"ids are {ids.dtype} {tuple(ids.shape)}, expected int64 ({n},)")
+    if emb.dtype != torch.float32 or tuple(emb.shape) != (n, d):
+        raise _bad(path, f"embeddings are {emb.dtype} {tuple(emb.shape)}, expected float32 ({n}, {d})")
+    if not torch.isfinite(emb).all():
+        raise _bad(path, "embeddings contain NaN or infinite values")
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= m["next_id"] or len(torch.unique(ids)) != n):
+        raise _bad(path, f"ids must be distinct and in [0, next_id={m['next_id']})")
+    return ids, emb
+
+
+def _payloads(path: Path, data: bytes, n: int) -> list[Example]:
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"its payloads file is not valid JSON ({e})") from None
+    if not isinstance(rows, list) or len(rows) != n:
+        raise _bad(path, f"its payloads file must list {n} examples, got "
+                         f"{len(rows) if isinstance(rows, list) else type(rows).__name__}")
+    return [Example.from_json(r, f"replay memory {path}: payloads") for r in rows]
+
+
+def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor):
+    import faiss
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8).copy())
+        ivf = faiss.try_extract_index_ivf(index)
+    except (RuntimeError, MemoryError, ValueError, TypeError) as e:
+        raise _bad(path, f"its FAISS index file cannot be read ({str(e).splitlines()[0][:200]})") from None
+    if (not isinstance(index, faiss.IndexIVFFlat) or index.d != m["dim"] or not index.is_trained
+            or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal != m["size"]):
+        raise _bad(path, f"its FAISS index is a {type(index).__name__} over {index.ntotal} vectors of dim {index.d}, "
+                         f"expected a trained inner-product IndexIVFFlat over {m['size']} of dim {m['dim']}")
+    lists = ivf.invlists
+    got = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist)]
+    got = np.sort(np.concatenate(got)) if got else np.empty(0, dtype=np.int64)
+    if not np.array_equal(got, np.sort(ids.numpy())):
+        raise _bad(path, "its FAISS index holds other ids than its vectors file")
+    index.nprobe = m["ivf"]["nprobe"]
+    return index
+
+
+def load_memory(cls, path: str | Path):
+    from .policies import make_policy
+
+    path = Path(path)
+    m = read_memory_manifest(path)
+    ids, emb = _vectors(path, _read(path, m["files"]["vectors"], "vectors"), m)
+    examples = _payloads(path, _read(path, m["files"]["payloads"], "payloads"), m["size"])
+    index = _index(path, _read(path, m["files"]["index"], "index"), m, ids) if "index" in m["files"] else None
+    try:
+        policy = make_policy(m["policy"]["name"])
+        policy.load_state_dict(m["policy"]["state"])
+    except MtpeftError as e:
+        raise _bad(path, str(e)) from None
+    mem = cls(m["dim"], m["capacity"], policy, seed=m["seed"], exact_limit=m["exact_limit"],
+              ivf=IVFConfig(**m["ivf"]))
+    for name, rng in (("policy", mem._policy_rng), ("sample", mem._sample_rng)):
+        _set_rng(path, rng, m["rng"][name], name)
+    mem.next_id = m["next_id"]
+    mem.index._reserve(len(ids))
+    mem.index._emb[: len(ids)], mem.index._ids[: len(ids)], mem.index.n = emb, ids, len(ids)
+    mem.index.ivf = index
+    mem._restore(ids.tolist(), examples)
+    return mem
+
+
+def _set_rng(path: Path, rng, state, name: str) -> None:
+    try:
+        version, internal, gauss = state
+        if not (isinstance(internal, list) and len(internal) == 625 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 32 for x in internal)):
+            raise ValueError("625 integers in [0, 2**32) expected")
+        rng.setstate((version, tuple(internal), gauss))
+    except (TypeError, ValueError) as e:
+        raise _bad(path, f"its {name} random state is invalid ({e})") from None
