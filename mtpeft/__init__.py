@@ -18,6 +18,8 @@ _LAZY = {
     "register": ".modules",
     "RouteContext": ".routing",
     "Routing": ".routing",
+    "AccuracyMatrix": ".continual",
+    "ReplayMemory": ".memory",
     "CausalScorer": ".scorer",
     "EncoderScorer": ".scorer",
     "LabelSpace": ".scorer",
@@ -54,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODULE_TYPES",
+    "AccuracyMatrix",
     "Backbone",
     "BankOutput",
     "CausalScorer",
@@ -63,6 +66,7 @@ __all__ = [
     "ModuleConfig",
     "ModuleType",
     "MtpeftError",
+    "ReplayMemory",
     "RouteContext",
     "Routing",
     "Task",
