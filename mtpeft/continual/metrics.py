@@ -44,9 +44,11 @@ class ContinualMetric(Metric):
 
     def set_untrained(self, accs) -> None:
         self.untrained = torch.tensor(self._proto._vector(accs, "untrained accuracies"), dtype=torch.float64)
+        self._computed = None  # torchmetrics caches compute() until the next update
 
     def set_joint(self, accs) -> None:
         self.joint = torch.tensor(self._proto._vector(accs, "joint-training accuracies"), dtype=torch.float64)
+        self._computed = None
 
     def matrix(self) -> AccuracyMatrix:
         """The rows so far as an :class:`AccuracyMatrix`."""
