@@ -66,6 +66,10 @@ def save_memory(mem, path: str | Path) -> None:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise MtpeftError(f"cannot save a memory to {path}: it is a file or a symlink; give a directory")
     path.mkdir(parents=True, exist_ok=True)
+    # The balanced policies pick a random member of a group by its place in the group's row list, whose
+    # order comes from the insertion and eviction history: rebuild it in row order, as loading does, so
+    # the saved memory and the loaded one evict the same examples from here on.
+    mem._restore(mem._ids, mem._examples)
     files = {"vectors": _put(path, "vectors", _vectors_bytes(mem)),
              "payloads": _put(path, "payloads", json.dumps([e.to_json() for e in mem._examples]).encode())}
     if mem.index.ivf is not None:
