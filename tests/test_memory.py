@@ -451,3 +451,34 @@ def test_embed_texts_is_the_banks_pooled_embedding():
     mem = ReplayMemory(emb.shape[1], 10)
     ids = mem.add(emb, texts, [0, 1, 0], "toy")
     assert mem.search(emb[1:2], 1)[1].item() == ids[1].item()
+
+
+@pytest.mark.parametrize("change, match", [
+    ("vector", "other vectors"),
+    ("id", "other ids"),
+    ("drop", "expected a trained inner-product IndexIVFFlat"),
+    ("flat", "expected a trained inner-product IndexIVFFlat"),
+])
+def test_an_index_that_disagrees_with_the_vectors_is_refused(saved, change, match):
+    import faiss
+    import numpy as np
+
+    d = copy_of(saved)
+    try:
+        f = file_of(d, "index")
+        ivf = faiss.deserialize_index(np.frombuffer(f.read_bytes(), dtype=np.uint8).copy())
+        victim = np.asarray([json.loads((d / MANIFEST).read_text())["next_id"] - 1], dtype=np.int64)
+        assert ivf.remove_ids(victim) == 1
+        vec = np.ones((1, ivf.d), dtype=np.float32) / np.sqrt(ivf.d)
+        if change == "vector":
+            ivf.add_with_ids(vec, victim)
+        elif change == "id":
+            ivf.add_with_ids(vec, victim + 10**6)
+        elif change == "flat":
+            ivf = faiss.IndexFlatIP(ivf.d)
+        f.write_bytes(faiss.serialize_index(ivf).tobytes())
+        reseal(d, "index")
+        with pytest.raises(MtpeftError, match=match):
+            ReplayMemory.load(d)
+    finally:
+        shutil.rmtree(d)

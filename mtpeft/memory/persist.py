@@ -192,7 +192,21 @@ def _payloads(path: Path, data: bytes, n: int) -> list[Example]:
     return [Example.from_json(r, f"replay memory {path}: payloads") for r in rows]
 
 
-def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor):
+def _ivf_contents(ivf, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (id, vector) an IndexIVFFlat holds, list after list."""
+    import faiss
+
+    lists, ids, vecs = ivf.invlists, [np.empty(0, dtype=np.int64)], [np.empty((0, dim), dtype=np.float32)]
+    for i in range(ivf.nlist):
+        n = lists.list_size(i)
+        if n:
+            ids.append(faiss.rev_swig_ptr(lists.get_ids(i), n).copy())
+            codes = faiss.rev_swig_ptr(lists.get_codes(i), n * lists.code_size).copy()
+            vecs.append(codes.view(np.float32).reshape(n, dim))
+    return np.concatenate(ids), np.concatenate(vecs)
+
+
+def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor, emb: torch.Tensor):
     import faiss
 
     try:
@@ -206,11 +220,12 @@ def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor):
             or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal != m["size"]):
         raise _bad(path, f"its FAISS index is a {type(index).__name__} over {index.ntotal} vectors of dim {index.d}, "
                          f"expected a trained inner-product IndexIVFFlat over {m['size']} of dim {m['dim']}")
-    lists = ivf.invlists
-    got = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist)]
-    got = np.sort(np.concatenate(got)) if got else np.empty(0, dtype=np.int64)
-    if not np.array_equal(got, np.sort(ids.numpy())):
+    got_ids, got_vecs = _ivf_contents(ivf, m["dim"])
+    order, want = np.argsort(got_ids), np.argsort(ids.numpy())
+    if not np.array_equal(got_ids[order], ids.numpy()[want]):
         raise _bad(path, "its FAISS index holds other ids than its vectors file")
+    if not np.array_equal(got_vecs[order], emb.numpy()[want]):
+        raise _bad(path, "its FAISS index holds other vectors than its vectors file")
     index.nprobe = m["ivf"]["nprobe"]
     return index
 
@@ -222,7 +237,7 @@ def load_memory(cls, path: str | Path):
     m = read_memory_manifest(path)
     ids, emb = _vectors(path, _read(path, m["files"]["vectors"], "vectors"), m)
     examples = _payloads(path, _read(path, m["files"]["payloads"], "payloads"), m["size"])
-    index = _index(path, _read(path, m["files"]["index"], "index"), m, ids) if "index" in m["files"] else None
+    index = _index(path, _read(path, m["files"]["index"], "index"), m, ids, emb) if "index" in m["files"] else None
     try:
         policy = make_policy(m["policy"]["name"])
         policy.load_state_dict(m["policy"]["state"])
