@@ -238,6 +238,20 @@ def test_ivf_path_recall_and_consistency_after_evictions():
     assert set(approx[approx >= 0].tolist()) <= set(mem.ids.tolist())  # no evicted id comes back
 
 
+def test_ivf_is_rebuilt_with_more_lists_as_the_memory_grows():
+    mem = ReplayMemory(32, 5000, seed=0, exact_limit=200, ivf=IVFConfig(regrow=4))
+    x = clustered(1000)
+    for i in range(0, 1000, 100):
+        fill(mem, x[i:i + 100], start=i)
+        if i == 100:
+            assert mem.index.built_at == 200 and mem.index.ivf.nlist == 200 // 32
+    assert mem.index.built_at == 800 and mem.index.ivf.nlist == 800 // 32  # rebuilt at 4 x 200
+    assert mem.index.ivf.ntotal == 1000
+    q = clustered(8, seed=3)
+    _, ids = mem.search(q, 5)
+    assert set(ids.flatten().tolist()) <= set(mem.ids.tolist())
+
+
 # ---- save / load --------------------------------------------------------------------------------------
 def make_saved(tmp, ivf=True, policy="task-balanced"):
     mem = ReplayMemory(32, 300, policy, seed=4, exact_limit=200 if ivf else 10_000)
@@ -370,6 +384,7 @@ def edit_manifest(d, fn):
     (lambda m: m["policy"].update(state={"seen": 3}), "policy state must be"),
     (lambda m: m["rng"].update(policy=[3, [1, 2], None]), "random state is invalid"),
     (lambda m: m["ivf"].update(nprobe=0), "'ivf' must hold"),
+    (lambda m: m.update(ivf_built_at=0), "an index file is named"),
 ])
 def test_bad_manifests_are_refused(saved, fn, match):
     d = copy_of(saved)

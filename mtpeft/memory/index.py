@@ -25,13 +25,16 @@ DEFAULT_EXACT_LIMIT = 20_000
 class IVFConfig:
     """``nlist``: inverted lists (None: about ``4 * sqrt(n)``, a power of two in [64, 4096], fixed when the
     index is built); ``nprobe``: lists searched per query; k-means trains on at most
-    ``train_per_list * nlist`` vectors for ``niter`` iterations (build time, not search time)."""
+    ``train_per_list * nlist`` vectors for ``niter`` iterations (build time, not search time). The index is
+    built again, with more lists, each time the memory has grown ``regrow`` times since the last build
+    (0: never)."""
 
     nlist: int | None = None
     nprobe: int = 16
     train_per_list: int = 32
     niter: int = 10
     seed: int = 1234
+    regrow: int = 4
 
     def lists_for(self, n: int) -> int:
         if self.nlist is not None:
@@ -72,6 +75,7 @@ class VectorIndex:
         self._ids = torch.empty(0, dtype=torch.int64)
         self.n = 0
         self.ivf = None
+        self.built_at = 0  # how many vectors the IVF index was trained with (0: none built)
 
     @property
     def embeddings(self) -> Tensor:
@@ -95,13 +99,14 @@ class VectorIndex:
         self._reserve(n)
         self._emb[rows], self._ids[rows] = vecs, ids
         self.n = n
-        if self.ivf is not None:
+        grown = self.cfg.regrow and self.n >= self.cfg.regrow * self.built_at
+        if (self.ivf is None and self.n >= self.exact_limit) or (self.ivf is not None and grown):
+            self.ivf, self.built_at = build_ivf(self.embeddings, self.ids, self.cfg), self.n
+        elif self.ivf is not None:
             if gone:
                 self.ivf.remove_ids(np.asarray(gone, dtype=np.int64))
             if len(ids):
                 self.ivf.add_with_ids(_np(vecs), _np(ids))
-        elif self.n >= self.exact_limit:
-            self.ivf = build_ivf(self.embeddings, self.ids, self.cfg)
 
     def keep(self, mask: Tensor) -> None:
         """Drop the rows where ``mask`` is False (the others keep their order)."""

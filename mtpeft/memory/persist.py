@@ -79,7 +79,8 @@ def save_memory(mem, path: str | Path) -> None:
         "format": FORMAT, "version": VERSION, "dim": mem.dim, "capacity": mem.capacity, "size": len(mem),
         "next_id": mem.next_id, "seed": mem.seed, "exact_limit": mem.index.exact_limit,
         "ivf": {"nlist": cfg.nlist, "nprobe": cfg.nprobe, "train_per_list": cfg.train_per_list,
-                "niter": cfg.niter, "seed": cfg.seed},
+                "niter": cfg.niter, "seed": cfg.seed, "regrow": cfg.regrow},
+        "ivf_built_at": mem.index.built_at,
         "policy": {"name": mem.policy.name, "state": mem.policy.state_dict()},
         "rng": {"policy": _rng_state(mem._policy_rng), "sample": _rng_state(mem._sample_rng)},
         "files": files,
@@ -121,16 +122,20 @@ def read_memory_manifest(path: str | Path) -> dict:
     if m.get("version") != VERSION:
         raise _bad(path, f"format version {m.get('version')!r}, this mtpeft reads version {VERSION}",
                    "upgrade mtpeft or re-create the memory")
-    for key, lo in (("dim", 1), ("capacity", 1), ("size", 0), ("next_id", 0), ("exact_limit", 1), ("seed", 0)):
+    for key, lo in (("dim", 1), ("capacity", 1), ("size", 0), ("next_id", 0), ("exact_limit", 1), ("seed", 0),
+                    ("ivf_built_at", 0)):
         _int(m, key, path, lo)
     if m["size"] > m["capacity"] or m["size"] > m["next_id"]:
         raise _bad(path, f"size {m['size']} exceeds the capacity {m['capacity']} or the ids given ({m['next_id']})")
     ivf = m.get("ivf")
-    keys = {"nlist", "nprobe", "train_per_list", "niter", "seed"}
+    keys = {"nlist", "nprobe", "train_per_list", "niter", "seed", "regrow"}
     if not isinstance(ivf, dict) or set(ivf) != keys or not all(
-            (isinstance(ivf[k], int) and not isinstance(ivf[k], bool) and ivf[k] >= (0 if k == "seed" else 1))
+            (isinstance(ivf[k], int) and not isinstance(ivf[k], bool) and ivf[k] >= (0 if k in ("seed", "regrow") else 1))
             or (k == "nlist" and ivf[k] is None) for k in keys):
-        raise _bad(path, f"{MANIFEST} field 'ivf' must hold positive integers {sorted(keys)}, got {str(ivf)[:120]}")
+        raise _bad(path, f"{MANIFEST} field 'ivf' must hold integers {sorted(keys)}, got {str(ivf)[:120]}")
+    if ("index" in (m.get("files") or {})) != (m["ivf_built_at"] > 0):
+        raise _bad(path, f"{MANIFEST}: 'ivf_built_at' is {m['ivf_built_at']} but an index file is "
+                         f"{'named' if 'index' in (m.get('files') or {}) else 'not named'}")
     pol = m.get("policy")
     if not isinstance(pol, dict) or not isinstance(pol.get("name"), str) or "state" not in pol:
         raise _bad(path, f"{MANIFEST} field 'policy' must be {{'name': ..., 'state': ...}}")
@@ -250,7 +255,7 @@ def load_memory(cls, path: str | Path):
     mem.next_id = m["next_id"]
     mem.index._reserve(len(ids))
     mem.index._emb[: len(ids)], mem.index._ids[: len(ids)], mem.index.n = emb, ids, len(ids)
-    mem.index.ivf = index
+    mem.index.ivf, mem.index.built_at = index, m["ivf_built_at"]
     mem._restore(ids.tolist(), examples)
     return mem
 
