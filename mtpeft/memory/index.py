@@ -23,8 +23,8 @@ DEFAULT_EXACT_LIMIT = 20_000
 
 @dataclass
 class IVFConfig:
-    """``nlist``: inverted lists (None: about ``4 * sqrt(n)``, a power of two in [64, 4096], fixed when the
-    index is built); ``nprobe``: lists searched per query; k-means trains on at most
+    """``nlist``: inverted lists (None: about ``4 * sqrt(n)``, a power of two in [64, ``max_nlist``], fixed
+    when the index is built; more lists search faster but take longer to build); ``nprobe``: lists searched per query; k-means trains on at most
     ``train_per_list * nlist`` vectors for ``niter`` iterations (build time, not search time). The index is
     built again, with more lists, each time the memory has grown ``regrow`` times since the last build
     (0: never)."""
@@ -35,11 +35,12 @@ class IVFConfig:
     niter: int = 10
     seed: int = 1234
     regrow: int = 4
+    max_nlist: int = 1024
 
     def lists_for(self, n: int) -> int:
         if self.nlist is not None:
             return self.nlist
-        return int(min(4096, max(64, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
+        return int(min(self.max_nlist, max(64, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
 def _np(x: Tensor) -> np.ndarray:

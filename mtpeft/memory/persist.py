@@ -79,7 +79,8 @@ def save_memory(mem, path: str | Path) -> None:
         "format": FORMAT, "version": VERSION, "dim": mem.dim, "capacity": mem.capacity, "size": len(mem),
         "next_id": mem.next_id, "seed": mem.seed, "exact_limit": mem.index.exact_limit,
         "ivf": {"nlist": cfg.nlist, "nprobe": cfg.nprobe, "train_per_list": cfg.train_per_list,
-                "niter": cfg.niter, "seed": cfg.seed, "regrow": cfg.regrow},
+                "niter": cfg.niter, "seed": cfg.seed, "regrow": cfg.regrow,
+                "max_nlist": cfg.max_nlist},
         "ivf_built_at": mem.index.built_at,
         "policy": {"name": mem.policy.name, "state": mem.policy.state_dict()},
         "rng": {"policy": _rng_state(mem._policy_rng), "sample": _rng_state(mem._sample_rng)},
@@ -128,7 +129,7 @@ def read_memory_manifest(path: str | Path) -> dict:
     if m["size"] > m["capacity"] or m["size"] > m["next_id"]:
         raise _bad(path, f"size {m['size']} exceeds the capacity {m['capacity']} or the ids given ({m['next_id']})")
     ivf = m.get("ivf")
-    keys = {"nlist", "nprobe", "train_per_list", "niter", "seed", "regrow"}
+    keys = {"nlist", "nprobe", "train_per_list", "niter", "seed", "regrow", "max_nlist"}
     if not isinstance(ivf, dict) or set(ivf) != keys or not all(
             (isinstance(ivf[k], int) and not isinstance(ivf[k], bool) and ivf[k] >= (0 if k in ("seed", "regrow") else 1))
             or (k == "nlist" and ivf[k] is None) for k in keys):
