@@ -497,3 +497,10 @@ def test_an_index_that_disagrees_with_the_vectors_is_refused(saved, change, matc
             ReplayMemory.load(d)
     finally:
         shutil.rmtree(d)
+
+
+def test_nearest_to_batch_of_identical_queries_still_gives_n_ids():
+    mem = ReplayMemory(16, 100)
+    fill(mem, unit(100))
+    got = mem.nearest_to_batch(unit(1, seed=3).repeat(32, 1), 40)
+    assert len(set(got.tolist())) == 40

@@ -26,8 +26,8 @@ class IVFConfig:
     """``nlist``: inverted lists (None: about ``4 * sqrt(n)``, a power of two in [64, ``max_nlist``], fixed
     when the index is built; more lists search faster but take longer to build); ``nprobe``: lists searched per query; k-means trains on at most
     ``train_per_list * nlist`` vectors for ``niter`` iterations (build time, not search time). The index is
-    built again, with more lists, each time the memory has grown ``regrow`` times since the last build
-    (0: never)."""
+    built again, with more lists, each time the memory has grown ``regrow`` times since the last build and
+    the rule gives more lists (0: never)."""
 
     nlist: int | None = None
     nprobe: int = 16
@@ -47,12 +47,16 @@ def _np(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy())
 
 
+def _lists(cfg: IVFConfig, n: int) -> int:
+    return max(1, min(cfg.lists_for(n), n // 32))  # k-means wants ~32+ points per list
+
+
 def build_ivf(vecs: Tensor, ids: Tensor, cfg: IVFConfig):
     """An ``IndexIVFFlat`` (inner product) trained on a seeded sample of ``vecs``, holding them with ``ids``."""
     import faiss
 
     n, d = vecs.shape
-    nlist = max(1, min(cfg.lists_for(n), n // 32))  # k-means wants ~32+ points per list
+    nlist = _lists(cfg, n)
     g = torch.Generator().manual_seed(cfg.seed)
     sample = vecs[torch.randperm(n, generator=g)[: cfg.train_per_list * nlist]]
     quantizer = faiss.IndexFlatIP(d)
@@ -100,7 +104,8 @@ class VectorIndex:
         self._reserve(n)
         self._emb[rows], self._ids[rows] = vecs, ids
         self.n = n
-        grown = self.cfg.regrow and self.n >= self.cfg.regrow * self.built_at
+        grown = (self.cfg.regrow and self.n >= self.cfg.regrow * self.built_at and self.ivf is not None
+                 and _lists(self.cfg, self.n) > self.ivf.nlist)  # a rebuild that adds no list is wasted work
         if (self.ivf is None and self.n >= self.exact_limit) or (self.ivf is not None and grown):
             self.ivf, self.built_at = build_ivf(self.embeddings, self.ids, self.cfg), self.n
         elif self.ivf is not None:
