@@ -154,6 +154,12 @@ def test_bad_settings_are_refused():
         ReplayMemory(16, 10, "fifo")
     with pytest.raises(MtpeftError, match="capacity must be"):
         ReplayMemory(16, 0)
+    with pytest.raises(MtpeftError, match="seed must be"):
+        ReplayMemory(16, 4, seed=-1)
+    with pytest.raises(MtpeftError, match="nprobe must be"):
+        IVFConfig(nprobe=0)
+    with pytest.raises(MtpeftError, match="nlist must be"):
+        IVFConfig(nlist=0)
 
 
 def test_a_policy_that_misplaces_is_refused():
@@ -282,7 +288,7 @@ def test_save_replaces_old_files_and_leaves_only_the_current_ones(tmp_path):
     mem = make_saved(tmp_path)
     fill(mem, clustered(50, seed=20), task="task9")
     mem.save(tmp_path)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != ".mtpeft.lock")
     assert len(names) == 4 and MANIFEST in names
     assert ReplayMemory.load(tmp_path).counts() == mem.counts()
 

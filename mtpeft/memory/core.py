@@ -43,7 +43,8 @@ class ReplayMemory:
 
     def __init__(self, dim: int, capacity: int, policy: str | StoragePolicy = "reservoir", *, seed: int = 0,
                  exact_limit: int = DEFAULT_EXACT_LIMIT, ivf: IVFConfig | None = None):
-        for name, v, lo in (("dim", dim, 1), ("capacity", capacity, 1), ("exact_limit", exact_limit, 1)):
+        for name, v, lo in (("dim", dim, 1), ("capacity", capacity, 1), ("exact_limit", exact_limit, 1),
+                            ("seed", seed, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise MtpeftError(f"ReplayMemory: {name} must be an integer >= {lo}, got {v!r}")
         self.dim, self.capacity, self.seed = dim, capacity, seed

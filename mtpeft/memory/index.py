@@ -37,6 +37,13 @@ class IVFConfig:
     regrow: int = 4
     max_nlist: int = 1024
 
+    def __post_init__(self):
+        for name in ("nprobe", "train_per_list", "niter", "seed", "regrow", "max_nlist", "nlist"):
+            v, lo = getattr(self, name), 0 if name in ("seed", "regrow") else 1
+            if (v is not None or name != "nlist") and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise MtpeftError(f"IVFConfig: {name} must be an integer >= {lo}{' or None' if name == 'nlist' else ''}"
+                                  f", got {v!r}")
+
     def lists_for(self, n: int) -> int:
         if self.nlist is not None:
             return self.nlist

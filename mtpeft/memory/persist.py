@@ -9,7 +9,8 @@ A memory directory holds::
     index.<sha16>.faiss                the IVF index in FAISS's own format (only once it is built)
 
 Files are named by their content and written first (atomically); then ``manifest.json`` is replaced (the
-commit); then files it does not name are deleted. A crash leaves the old memory or the new one.
+commit); then files it does not name are deleted. A crash leaves the old memory or the new one. One
+writer at a time (``mtpeft.lock.DirLock``; its ``.mtpeft.lock`` file stays in the directory).
 
 Loading checks, before building anything: the manifest (format, version, every field's type and range),
 each file's name (a plain name in the directory, no symlink) and sha256, the vectors (keys, dtypes,
@@ -31,6 +32,7 @@ import torch
 
 from ..errors import MtpeftError
 from ..io import read_json, write_bytes, write_json
+from ..lock import DirLock
 from .example import Example
 from .index import IVFConfig
 
@@ -60,12 +62,18 @@ def _vectors_bytes(mem) -> bytes:
 
 
 def save_memory(mem, path: str | Path) -> None:
-    import faiss
 
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise MtpeftError(f"cannot save a memory to {path}: it is a file or a symlink; give a directory")
     path.mkdir(parents=True, exist_ok=True)
+    with DirLock(path, what="replay memory"):
+        _save(mem, path)
+
+
+def _save(mem, path: Path) -> None:
+    import faiss
+
     # The balanced policies pick a random member of a group by its place in the group's row list, whose
     # order comes from the insertion and eviction history: rebuild it in row order, as loading does, so
     # the saved memory and the loaded one evict the same examples from here on.
