@@ -229,3 +229,10 @@ def test_torchmetrics_undefined_is_nan_not_zero_and_bad_rows_are_refused():
         fwt.update([0.1, 0.1])
     with pytest.raises(MtpeftError, match="fractions"):
         BackwardTransfer(["a", "b"]).update([0.5, 50])
+
+
+def test_public_name():
+    import mtpeft
+    from mtpeft.continual.metrics import AccuracyMatrix as FromMetrics
+
+    assert mtpeft.AccuracyMatrix is AccuracyMatrix is FromMetrics and "AccuracyMatrix" in mtpeft.__all__

@@ -510,3 +510,10 @@ def test_nearest_to_batch_of_identical_queries_still_gives_n_ids():
     fill(mem, unit(100))
     got = mem.nearest_to_batch(unit(1, seed=3).repeat(32, 1), 40)
     assert len(set(got.tolist())) == 40
+
+
+def test_public_name():
+    import mtpeft
+    from mtpeft.memory.core import ReplayMemory as Direct
+
+    assert mtpeft.ReplayMemory is Direct and "ReplayMemory" in mtpeft.__all__

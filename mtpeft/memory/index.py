@@ -24,10 +24,10 @@ DEFAULT_EXACT_LIMIT = 20_000
 @dataclass
 class IVFConfig:
     """``nlist``: inverted lists (None: about ``4 * sqrt(n)``, a power of two in [64, ``max_nlist``], fixed
-    when the index is built; more lists search faster but take longer to build); ``nprobe``: lists searched per query; k-means trains on at most
-    ``train_per_list * nlist`` vectors for ``niter`` iterations (build time, not search time). The index is
-    built again, with more lists, each time the memory has grown ``regrow`` times since the last build and
-    the rule gives more lists (0: never)."""
+    when the index is built; more lists search faster but take longer to build); ``nprobe``: lists
+    searched per query; k-means trains on at most ``train_per_list * nlist`` vectors for ``niter``
+    iterations (build time, not search time). The index is built again, with more lists, each time the
+    memory has grown ``regrow`` times since the last build and the rule gives more lists (0: never)."""
 
     nlist: int | None = None
     nprobe: int = 16
@@ -41,8 +41,8 @@ class IVFConfig:
         for name in ("nprobe", "train_per_list", "niter", "seed", "regrow", "max_nlist", "nlist"):
             v, lo = getattr(self, name), 0 if name in ("seed", "regrow") else 1
             if (v is not None or name != "nlist") and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-                raise MtpeftError(f"IVFConfig: {name} must be an integer >= {lo}{' or None' if name == 'nlist' else ''}"
-                                  f", got {v!r}")
+                none = " or None" if name == "nlist" else ""
+                raise MtpeftError(f"IVFConfig: {name} must be an integer >= {lo}{none}, got {v!r}")
 
     def lists_for(self, n: int) -> int:
         if self.nlist is not None:
