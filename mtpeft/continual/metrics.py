@@ -18,7 +18,8 @@ from .matrix import NAN, AccuracyMatrix
 
 
 class ContinualMetric(Metric):
-    """Base: ``which`` names the :class:`AccuracyMatrix` method."""
+    """Base: ``which`` names the :class:`AccuracyMatrix` method. ``reset()`` drops the rows and puts the
+    untrained and joint accuracies back to the constructor's (``set_untrained``/``set_joint`` values go)."""
 
     which = ""
     full_state_update = True
