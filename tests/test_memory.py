@@ -93,7 +93,11 @@ def test_one_call_or_one_at_a_time_keeps_the_same_examples():
     ids_b = torch.cat([b.add(x[i:i + 1], [f"t-{i}"], [labels[i]], "t") for i in range(120)])
     assert sorted(a.ids.tolist()) == sorted(b.ids.tolist())
     kept = ids_a >= 0
-    assert torch.equal(ids_a[kept], ids_b[kept]) and (ids_b[~kept] >= 0).sum() == (ids_b[~kept] >= 0).sum()
+    assert torch.equal(ids_a[kept], ids_b[kept])
+    # one call reports -1 for an example a later one of the same call evicted; one at a time, that example
+    # got an id at its own call, which is gone by the end
+    late = ids_b[~kept & (ids_b >= 0)]
+    assert len(late) and not set(late.tolist()) & set(b.ids.tolist())
     q = unit(5, seed=7)
     assert torch.equal(a.search(q, 8)[1], b.search(q, 8)[1])
 
