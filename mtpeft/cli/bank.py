@@ -49,7 +49,7 @@ def cmd_bank_export(args):
 
 
 def cmd_bank_rm(args):
-    from ..bank import remove_saved_module
+    from ..bank import remove_saved_module  # under the bank's lock
 
     remove_saved_module(args.bank, args.module)
     print(json.dumps({"removed": args.module, "bank": str(args.bank)}) if args.json
@@ -58,11 +58,14 @@ def cmd_bank_rm(args):
 
 def cmd_bank_import(args):
     from ..api import open_bank
+    from ..bank import locked, read_manifest
     from ..interop import import_peft
 
-    bank, _ = open_bank(args.bank)
-    name = import_peft(bank, args.dir, name=args.name, task=args.task)
-    bank.save(args.bank)
+    read_manifest(args.bank)  # not a bank: said before a lock file is left in the directory
+    with locked(args.bank):
+        bank, _ = open_bank(args.bank)
+        name = import_peft(bank, args.dir, name=args.name, task=args.task)
+        bank.save(args.bank)
     print(json.dumps({"imported": name, "bank": str(args.bank)}) if args.json else f"imported {name} into {args.bank}")
 
 
