@@ -289,3 +289,15 @@ def test_imported_adapter_names_are_checked(adapter, tmp_path):
     shutil.copytree(adapter, bad)
     with pytest.raises(MtpeftError, match="holds a control character"):
         import_peft(ModuleBank(load_backbone("tiny-bert", seed=0)), bad)
+
+
+def test_bank_ls_imports_no_torch(bank_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from mtpeft.cli import main; rc = main(['bank', 'ls', sys.argv[1], '--json'])\n"
+            "assert 'torch' not in sys.modules, 'bank ls imported torch'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(bank_dir)], capture_output=True, text=True, cwd=os.getcwd(),
+                       check=False)
+    assert p.returncode == 0, p.stderr
+    assert [m["name"] for m in json.loads(p.stdout)["modules"]] == ["m0", "m1"]

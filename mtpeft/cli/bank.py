@@ -9,9 +9,9 @@ from .common import emit
 
 
 def cmd_bank_ls(args):
-    from ..bank import read_manifest
+    from ..bank.manifest import read_manifest_json  # every field checked, and no torch: `bank ls` stays quick
 
-    m = read_manifest(args.bank)
+    m = read_manifest_json(args.bank)
     rows = [{"name": e["name"], "type": e["type"], "task": e.get("task"), "merged": e.get("merged", False),
              "test_acc": (e.get("metrics") or {}).get("test_acc")} for e in m["modules"]]
     emit(args, {"bank": str(args.bank), "backbone": m["backbone"].get("name"), "modules": rows}, rows,
