@@ -13,17 +13,23 @@ weights, and ``artifacts: {file, sha256}`` when it has artifacts) and ``groups: 
 for the artifacts of groups (``key`` as ``bank.group_of(name).key`` gives it; the file name has ``-``
 for ``:``).
 
-Saving writes every new file first (temporary file, fsync, rename, fsync of the directory; a file
-whose content is already there is not written again), then replaces ``manifest.json`` the same way:
-that rename is the commit. Only then are the files no entry of the new manifest references deleted
-(old weights and artifacts, temporary files a crash left behind). A crash at any instant leaves the
-old bank or the new one, both loadable; loading ignores files the manifest does not name.
+Saving takes the bank's lock (``locked(path)``: one writer at a time, the second refused naming the
+first), re-reads the manifest there and merges three ways: what this bank object loaded from (or last
+saved to) that bank, what it holds, what is on disk; its own additions, changes and removals are applied,
+another writer's are kept, a module both changed is refused (``bank_id`` in the manifest tells a copy of the
+same bank from another bank). It writes every new file first (temporary file, fsync, rename, fsync of the
+directory; a file whose content is already there is not written again), then replaces ``manifest.json`` the
+same way: that rename is the commit. Only then are files deleted, and only the bank's own: those the old
+manifest named and the new one does not, content-named files a crash left (content matching the name) and
+temporary files; a file the bank never wrote is never deleted. A crash at any instant leaves the old bank or
+the new one, both loadable; loading ignores files the manifest does not name.
 
-Loading is strict: schema, fingerprint, every ``file`` inside ``modules/`` or ``artifacts/`` of the
-bank (no ``..``, no absolute path, no symlink out), every file present and matching its sha256, configs
-and group keys valid, all checked before the backbone is touched; the shapes are checked as the modules
-are added (``ModuleBank.add_from``). Banks written by the previous layout (``modules/<name>.safetensors``,
-no artifacts) load as they are. Never pickle.
+Loading is strict (``manifest.read_manifest_json``, then ``read_manifest`` for known types): schema,
+fingerprint, every field typed, every ``file`` inside ``modules/`` or ``artifacts/`` of the bank (no ``..``,
+no absolute path, no symlink; the folders and the manifest themselves no symlinks; no file named twice),
+every file present and matching its sha256, weights floating point and finite, configs bounded and the
+weights' shapes those the config makes (``plan.py``), all checked before the module is built. Banks written
+by the previous layout (``modules/<name>.safetensors``, no artifacts) load as they are. Never pickle.
 """
 from __future__ import annotations
 
