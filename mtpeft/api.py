@@ -37,14 +37,20 @@ def open_bank(path: str | Path, trainable: bool = False):
     return ModuleBank.load(path, bb, trainable=trainable), make_scorer(bb)
 
 
-def load_bank_or_new(backbone_name: str, path: str | Path | None = None):
-    """The bank at ``path`` if it exists (its backbone must be ``backbone_name``), else a new one."""
-    if path is not None and Path(path).exists() and not (Path(path) / "manifest.json").exists():
+def check_bank_target(path: str | Path) -> None:
+    """``path`` is a bank, or new, or an empty directory (no torch: checked before the bank is locked)."""
+    if Path(path).exists() and not (Path(path) / "manifest.json").exists():
         if not Path(path).is_dir():
             raise MtpeftError(f"{path} exists and is not a directory; choose a new --out for the bank")
-        if any(Path(path).iterdir()):
+        if any(f.name != ".mtpeft.lock" for f in Path(path).iterdir()):  # the lock `train --out` holds aside
             raise MtpeftError(f"{path} is not empty and is not a bank (no manifest.json); choose a new or empty "
                               "directory for the bank")
+
+
+def load_bank_or_new(backbone_name: str, path: str | Path | None = None):
+    """The bank at ``path`` if it exists (its backbone must be ``backbone_name``), else a new one."""
+    if path is not None:
+        check_bank_target(path)
     if path is not None and (Path(path) / "manifest.json").exists():
         from .bank import read_manifest
 

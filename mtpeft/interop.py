@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_weights
 from .io import MtpeftError, read_json, read_tensors, write_json, write_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -152,7 +153,7 @@ def export_peft(bank, module_name: str, out_dir: str | Path, *, base_model: str 
     directory). The directory is written atomically; an existing non-empty directory is replaced only if it
     is a peft adapter directory.
     """
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." and "sub/.." name their real directory
     rec = bank.record(module_name)
     if rec.type not in EXPORTABLE:
         raise MtpeftError(f"module {module_name!r} is of type {rec.type!r}; the peft format takes the types "
@@ -204,8 +205,12 @@ def export_peft(bank, module_name: str, out_dir: str | Path, *, base_model: str 
                       prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
                       tokenizer_name_or_path=None, tokenizer_kwargs=None)
         tensors["prompt_embeddings"] = stack.experts[j].prompt.detach()
-    _write_dir(out, config, tensors)
-    return out
+    try:
+        _write_dir(out, config, tensors)
+    except OSError as e:
+        raise MtpeftError(f"cannot write the adapter to {out} ({e.strerror or e}); give a directory you can write "
+                          "to") from None
+    return Path(out_dir)
 
 
 def _num(x: float):
@@ -217,6 +222,10 @@ def _is_adapter_dir(path: Path) -> bool:
 
 
 def _check_target_dir(out: Path) -> None:
+    here = Path.cwd().resolve()
+    if out.parent == out or out.resolve() == here or out.resolve() in here.parents:
+        raise MtpeftError(f"cannot export into {out}: it is the current directory or one above it (the adapter "
+                          "directory is replaced as a whole); give a new directory, e.g. ./MODULE-adapter")
     if out.exists() and not out.is_dir():
         raise MtpeftError(f"{out} exists and is not a directory; export into a new directory")
     if out.is_dir() and any(out.iterdir()) and not _is_adapter_dir(out):
@@ -266,7 +275,59 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
                 f"import save_file; save_file(torch.load('{d / PICKLE_NAME}', weights_only=True), "
                 f"'{w}')\"`, or re-save the adapter with peft's save_pretrained(..., safe_serialization=True)")
         raise MtpeftError(f"{d} has no {WEIGHTS_NAME}; is it a peft adapter directory?")
-    return config, read_tensors(w, what="peft adapter weights")
+    _check_config(config, d)
+    tensors = read_tensors(w, what="peft adapter weights")
+    check_weights(tensors, "peft adapter weights", w)
+    return config, tensors
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+# adapter_config.json keys mtpeft reads: what each must be (None is allowed for each)
+_CONFIG_TYPES = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "lora_alpha": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "lora_dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                           for x in v.values()), "an object of positive integers"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_is_num(x) and x > 0 for x in v.values()),
+                      "an object of positive numbers"),
+    "target_modules": (_is_names, "a name or a list of names"),
+    "feedforward_modules": (_is_names, "a name or a list of names"),
+    "modules_to_save": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    "num_virtual_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "num_transformer_submodules": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "token_dim": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "bias": (lambda v: isinstance(v, str), "a string"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_config(config: dict, d: Path) -> None:
+    """The keys mtpeft reads have the types peft writes; pattern keys are valid regular expressions."""
+    for key, (ok, want) in _CONFIG_TYPES.items():
+        v = config.get(key)
+        if v is not None and not ok(v):
+            raise MtpeftError(f"{d / CONFIG_NAME}: {key} must be {want}, got {str(v)[:80]!r}; fix the file or "
+                              "re-save the adapter with peft")
+    patterns = [*(config.get("rank_pattern") or {}), *(config.get("alpha_pattern") or {})]
+    if isinstance(config.get("feedforward_modules"), str):
+        patterns.append(config["feedforward_modules"])
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise MtpeftError(f"{d / CONFIG_NAME}: {pat[:80]!r} is not a valid regular expression ({e}); fix the "
+                              "file or re-save the adapter with peft") from None
 
 
 def import_peft(bank, adapter_dir: str | Path, name: str | None = None, task: str | None = None, *,
@@ -285,6 +346,9 @@ def import_peft(bank, adapter_dir: str | Path, name: str | None = None, task: st
         raise MtpeftError(f"{d}: peft_type {peft_type or '(missing)'!r} cannot be imported; mtpeft imports "
                           f"{', '.join(PEFT_TYPES.values())} adapters")
     name = name or d.resolve().name
+    from .bank.manifest import check_name
+
+    check_name(name, f"{d}: ")
     heads = _head_tensors(config, tensors)
     if heads:
         warnings.warn(f"{d}: skipping {len(heads)} task-head tensor(s) of modules_to_save (e.g. {heads[0]}); "

@@ -58,7 +58,11 @@ class DirLock:
         self._key: str | None = None
 
     def acquire(self) -> DirLock:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MtpeftError(f"cannot create {self.what} directory {self.path} ({e.strerror or e}); give a "
+                              "directory you can write to, whose parents are directories") from None
         if self.path.is_symlink():
             raise MtpeftError(f"{self.what} {self.path} is a symbolic link; give the real directory")
         key = os.path.realpath(self.path)
@@ -70,7 +74,11 @@ class DirLock:
             lock_file = self.path / LOCK_NAME
             if lock_file.is_symlink():
                 raise MtpeftError(f"{lock_file} is a symbolic link; remove it (it must be a plain file)")
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as e:
+                raise MtpeftError(f"cannot lock {self.what} {self.path}: {lock_file} cannot be created or opened "
+                                  f"({e.strerror or e}); give a directory you can write to") from None
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -81,7 +81,8 @@ def same(a, b) -> bool:
 
 
 def files_in(d: Path) -> set[str]:
-    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+    """The bank's files (its lock file aside)."""
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != ".mtpeft.lock"}
 
 
 def referenced(d: Path) -> set[str]:
@@ -394,38 +395,66 @@ def test_manifest_file_outside_the_bank_is_refused(bad, where, tmp_path):
         remove_saved_module(d, "m3")  # nor does anything else act on such a manifest
 
 
-def test_symlinked_modules_folder_is_refused(tmp_path):
+@pytest.mark.parametrize("part", ["modules", "artifacts", "manifest.json"])
+def test_symlinked_modules_folder_is_refused(part, tmp_path):
     bank = _bank_a("tiny-bert")
     d = tmp_path / "b"
     bank.save(d)
-    (d / "modules").rename(tmp_path / "elsewhere")
-    (d / "modules").symlink_to(tmp_path / "elsewhere")
+    (d / part).rename(tmp_path / "elsewhere")
+    (d / part).symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "mine.safetensors").write_bytes(b"a user's own model")
+    if part != "manifest.json":
+        shutil.copy(tmp_path / "mine.safetensors", tmp_path / "elsewhere" / "mine.safetensors")
+    real = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
+                    and p.name != ".mtpeft.lock"}
+    before = real()
     bb = load_backbone("tiny-bert", seed=0)
-    with pytest.raises(MtpeftError, match="not a file inside the bank's modules/ folder"):
+    with pytest.raises(MtpeftError, match=rf"{part} is a symbolic link .*replace the link by the real"):
         ModuleBank.load(d, bb)
     _untouched(bb)
-    with pytest.raises(MtpeftError, match="modules/ is a symlink"):
+    with pytest.raises(MtpeftError, match=rf"{part} is a symbolic link"):
         bank.save(d)
-    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir())  # nothing deleted through the link
+    with pytest.raises(MtpeftError, match=rf"{part} is a symbolic link"):
+        remove_saved_module(d, "m0")
+    assert real() == before  # nothing read through the link was changed or deleted
 
 
 # ---- stale files, only=, the previous layout ----------------------------------------------------
 
 def test_stale_files_are_ignored_by_load_and_cleaned_by_the_next_save(tmp_path):
+    import hashlib
+
     bank = _bank_a("tiny-bert")
     d = tmp_path / "b"
     bank.save(d)
     want = snapshot(bank)
-    stale = ["modules/m0.0123456789abcdef.safetensors", "modules/.m0.abc.safetensors.x1.tmp",
-             "modules/m9.safetensors", "artifacts/m0.fedcba9876543210.safetensors", ".manifest.json.q7.tmp"]
-    for f in stale:
-        (d / f).write_bytes(b"garbage from a crash")
-    (d / "README.txt").write_text("mine")
+    # what a crashed save leaves: complete content-named files (named by their content) and temporary files
+    blob = (d / referenced_list(d)[0]).read_bytes() + b""
+    other = save_bytes({"x": torch.ones(3)})
+    stale = {f"modules/m0.{hashlib.sha256(other).hexdigest()[:16]}.safetensors": other,
+             "modules/.m0.abc.safetensors.x1_z.tmp": b"half", ".manifest.json.q7.tmp": b"{",
+             f"artifacts/m9.{hashlib.sha256(blob).hexdigest()[:16]}.safetensors": blob}
+    # what the bank never wrote: a user's own files, even next to the bank's, even named like the bank's
+    foreign = {"modules/m9.safetensors": b"my model", "modules/m0.0123456789abcdef.safetensors": b"not its hash",
+               "README.txt": b"mine", "artifacts/notes.json": b"{}"}
+    for f, data in {**stale, **foreign}.items():
+        (d / f).write_bytes(data)
     assert same(snapshot(ModuleBank.load(d, load_backbone("tiny-bert", seed=0))), want)
     bank.save(d, only=[])
     assert not any((d / f).exists() for f in stale)
-    assert files_in(d) == referenced(d) | {"README.txt"}  # what is not the bank's own is left alone
+    assert all((d / f).read_bytes() == data for f, data in foreign.items())
+    assert files_in(d) == referenced(d) | set(foreign)
     assert same(snapshot(ModuleBank.load(d, load_backbone("tiny-bert", seed=0))), want)
+
+
+def referenced_list(d: Path) -> list[str]:
+    return sorted(referenced(d) - {"manifest.json"})
+
+
+def save_bytes(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
 
 
 def test_only_keeps_the_files_of_unlisted_modules(tmp_path):

@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import modules as _modules  # noqa: F401  (registers the built-in module types)
+from ..checks import check_weights
 from ..io import MtpeftError
 from ..modules.base import MODULE_TYPES, ModuleConfig, ModuleType, Stack
 from ..routing import LocalRouting, RouteContext, Routing, SiteFn, check_routing, localize
 from .artifacts import ArtifactsAPI, ArtifactStore
 from .input_level import BankOutput, InputLevelForward
 from .layers import BankedLinear, BankState
+from .manifest import check_name
+from .plan import check_fits, check_size
 from .sites import SiteWiring, group_key, is_pseudo
 
 
@@ -184,9 +187,7 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
             task: str | None = None, metadata: dict | None = None, seed: int = 0,
             trainable: bool = True) -> int:
         """Add a module; existing modules' outputs do not change. Returns its id."""
-        if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith(".") \
-                or name != name.strip():
-            raise MtpeftError(f"module name {name!r} is not usable as a file name; use letters, digits, - and _")
+        check_name(name)
         if name in self.names:
             raise MtpeftError(f"the bank already has a module named {name!r}; pick another name, or remove it first (bank.remove, or `mtpeft bank rm BANK NAME`)")
         mtype = MODULE_TYPES.get(module_type)
@@ -197,6 +198,7 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
         elif not isinstance(config, mtype.config_cls):
             raise MtpeftError(f"module type {module_type!r} takes a {mtype.config_cls.__name__}, "
                               f"got {type(config).__name__}")
+        check_size(self, name, module_type, config)  # before anything is allocated
         key = group_key(module_type, config)
         # The init depends on (seed, name) only, not on what the bank already holds.
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -221,6 +223,11 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
         names them). The tensors must cover exactly the module's parameters with their shapes; on any
         mismatch nothing is added. ``finalized``: the tensors are in the layout ``finalize`` leaves."""
         what = what or f"module {name!r}"
+        check_weights(tensors, what)
+        if not finalized:  # the shapes the config makes, checked before the module is built
+            mtype = MODULE_TYPES.get(module_type)
+            cfg = config if isinstance(config, ModuleConfig) else mtype.config_cls.from_dict(dict(config or {}))
+            check_fits(check_size(self, name, module_type, cfg), tensors, what)
         idx = self.add(name, module_type, config, task=task, metadata=metadata, trainable=trainable)
         try:
             if finalized:

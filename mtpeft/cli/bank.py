@@ -9,9 +9,9 @@ from .common import emit
 
 
 def cmd_bank_ls(args):
-    from ..bank import read_manifest
+    from ..bank.manifest import read_manifest_json  # every field checked, and no torch: `bank ls` stays quick
 
-    m = read_manifest(args.bank)
+    m = read_manifest_json(args.bank)
     rows = [{"name": e["name"], "type": e["type"], "task": e.get("task"), "merged": e.get("merged", False),
              "test_acc": (e.get("metrics") or {}).get("test_acc")} for e in m["modules"]]
     emit(args, {"bank": str(args.bank), "backbone": m["backbone"].get("name"), "modules": rows}, rows,
@@ -49,7 +49,7 @@ def cmd_bank_export(args):
 
 
 def cmd_bank_rm(args):
-    from ..bank import remove_saved_module
+    from ..bank import remove_saved_module  # under the bank's lock
 
     remove_saved_module(args.bank, args.module)
     print(json.dumps({"removed": args.module, "bank": str(args.bank)}) if args.json
@@ -58,11 +58,14 @@ def cmd_bank_rm(args):
 
 def cmd_bank_import(args):
     from ..api import open_bank
+    from ..bank import locked, read_manifest
     from ..interop import import_peft
 
-    bank, _ = open_bank(args.bank)
-    name = import_peft(bank, args.dir, name=args.name, task=args.task)
-    bank.save(args.bank)
+    read_manifest(args.bank)  # not a bank: said before a lock file is left in the directory
+    with locked(args.bank):
+        bank, _ = open_bank(args.bank)
+        name = import_peft(bank, args.dir, name=args.name, task=args.task)
+        bank.save(args.bank)
     print(json.dumps({"imported": name, "bank": str(args.bank)}) if args.json else f"imported {name} into {args.bank}")
 
 

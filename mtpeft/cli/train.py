@@ -70,8 +70,8 @@ def _check_train_args(args) -> None:
 
 
 def cmd_train(args):
-    from ..api import load_bank_or_new, parse_options
-    from ..train import TrainConfig, evaluate, fit_expert, fit_multitask
+    from ..api import check_bank_target, parse_options
+    from ..bank import locked
 
     _apply_train_config(args)
     _check_train_args(args)
@@ -80,6 +80,15 @@ def cmd_train(args):
         raise MtpeftError(f"--name names one module, but {len(tasks)} tasks each get their own expert; drop --name "
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
     config = parse_options(args.module, args.option)
+    check_bank_target(args.out)
+    with locked(args.out):  # one writer per bank for the whole run: a second `train --out` is refused up front
+        _train_into(args, tasks, config)
+
+
+def _train_into(args, tasks, config):
+    from ..api import load_bank_or_new
+    from ..train import TrainConfig, evaluate, fit_expert, fit_multitask
+
     bank, scorer = load_bank_or_new(args.backbone, args.out)
     if args.multitask:
         names = [args.name or "multitask-" + args.module]

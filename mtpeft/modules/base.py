@@ -37,6 +37,10 @@ class ModuleConfig:
     def validate(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, (list, tuple)):
             raise MtpeftError("target_modules must be a list of layer names, e.g. ['query', 'value']")
+        for f in fields(self):  # layer-name lists (target_modules, feedforward_modules): names or valid 're:' patterns
+            v = getattr(self, f.name)
+            if f.name.endswith("_modules") and isinstance(v, (list, tuple)):
+                check_layer_patterns(f.name, v)
         for f in fields(self):  # sizes (r, n_tokens, ...): 2.5 or True would fail later, deep inside torch
             if f.type in (int, "int", "int | None"):
                 v = getattr(self, f.name)
@@ -59,6 +63,17 @@ class ModuleConfig:
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def check_layer_patterns(field_name: str, patterns) -> None:
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise MtpeftError(f"{field_name} must hold layer names (strings), got {p!r}; e.g. ['query', 'value']")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except (re.error, RecursionError, OverflowError) as e:
+                raise MtpeftError(f"{field_name}: {p!r} is not a valid regular expression ({e})") from None
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:

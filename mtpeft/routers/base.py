@@ -115,28 +115,50 @@ class Router(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> Router:
-        """The router saved at ``path`` (any registered type; ``Router.load`` or the subclass)."""
+        """The router saved at ``path`` (any registered type; ``Router.load`` or the subclass). Every field of
+        ``router.json`` and every tensor (names, shapes, kinds, finite values) is checked; nothing is cast."""
+        from ..checks import check_like, dry_run, header_shapes
+
         path = Path(path)
         meta = read_json(path / "router.json", what="router config")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict) \
+                or not isinstance(meta.get("name"), str):
             raise MtpeftError(f"{path / 'router.json'} is not an mtpeft router; save routers with router.save(dir)")
-        rcls = ROUTERS.get(meta.get("name"))
+        for key in ("bound_names", "tensors"):
+            v = meta.get(key)
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise MtpeftError(f"{path / 'router.json'}: '{key}' must be a list of names, got {str(v)[:80]!r}; "
+                                  "re-save the router")
+        rcls = ROUTERS.get(meta["name"])
         if cls is not Router and not issubclass(rcls, cls):
             raise MtpeftError(f"{path} holds a {meta['name']!r} router, not a {cls.name!r} one")
+        want = set(meta.get("tensors") or [])
+        f = path / "router.safetensors"
+        dry = dry_run(lambda: rcls(**meta["config"]))  # the state's shapes, before anything is allocated
+        if dry is not None:
+            saved = header_shapes(f, "router state") if want else {}
+            if set(dry) != want or any(saved.get(k) != s for k, s in dry.items()):
+                raise MtpeftError(f"{path}: router state holds {_shapes(saved)}, router {meta['name']!r} with this "
+                                  f"config expects {_shapes(dry)}; re-save the router")
         try:
             router = rcls(**meta["config"])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise MtpeftError(f"{path / 'router.json'}: config does not fit router {meta['name']!r}: {e}") from e
-        want = set(meta.get("tensors") or [])
-        tensors = read_tensors(path / "router.safetensors", what="router state") if want else {}
+        names = router.module_names
+        if names is not None and not all(isinstance(n, str) for n in names):
+            raise MtpeftError(f"{path / 'router.json'}: the router's module names must be strings, got "
+                              f"{str(names)[:80]!r}; re-save the router")
+        tensors = read_tensors(f, what="router state") if want else {}
         own = router.state_dict()
-        if set(tensors) != set(own) or want != set(own):
-            raise MtpeftError(f"{path}: router state has {sorted(tensors)}, router {meta['name']!r} expects "
-                              f"{sorted(own)}; re-save the router")
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise MtpeftError(f"{path}: router tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        if want != set(own):
+            raise MtpeftError(f"{path}: router state lists {sorted(want)[:5]}, router {meta['name']!r} expects "
+                              f"{sorted(own)[:5]}; re-save the router")
+        check_like(tensors, own, f"router state of {path}", f)
         with torch.no_grad():
             router.load_state_dict(tensors)
         router.bound_names = meta.get("bound_names")
         return router
+
+
+def _shapes(d: dict) -> str:
+    return ", ".join(f"{k} {list(v)}" for k, v in sorted(d.items())[:5]) or "no tensors"
