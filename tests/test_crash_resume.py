@@ -1,8 +1,9 @@
 """Crash trials: `mtpeft train` over three tiny tasks, SIGKILLed at random points, then `--resume`.
 
 20 trials, each its own process killed with SIGKILL: 10 after a random delay (drawn from a seeded RNG over
-the length of an uninterrupted run, so kills land in training, evaluation and saves alike) and 10 at a
-random crash point (``MTPEFT_CRASH_AT=N``: the process kills itself just before or just after the rename
+the length of an uninterrupted run from its first write, the run state's, to its end, so kills land in
+training, evaluation and saves alike) and 10 at a crash point (the first, before anything is on disk,
+and 9 at random) (``MTPEFT_CRASH_AT=N``: the process kills itself just before or just after the rename
 of its Nth atomic write: a module's weights, the bank's manifest, the run state). After each kill: the bank
 loads, or is absent when nothing was committed; every module it holds is bit-identical to the one the
 uninterrupted run saved; the run state loads; and `--resume` ends with the uninterrupted run's report
@@ -98,7 +99,14 @@ class Proc:
         self.p.join(timeout)
         return self.p.exitcode
 
+    def started(self) -> float:
+        """Wait until the run has written its first trace line (its run state); seconds since the start."""
+        while not Path(self.trace).exists() and self.p.exitcode is None:
+            time.sleep(0.005)
+        return time.perf_counter() - self.t0
+
     def kill_after(self, delay: float) -> int:
+        self.started()
         if self.wait(delay) is None:
             self.p.kill()  # SIGKILL
         return self.wait()
@@ -143,8 +151,9 @@ def test_crash_trials(server, task_args, tmp_path):
     from mtpeft.runstate import RUNS, read_state
 
     ref = Proc(server, train_argv(task_args, tmp_path / "ref"), tmp_path / "ref")
+    t_first = ref.started()
     assert ref.wait() == 0, ref.stderr()
-    ref_wall = time.perf_counter() - ref.t0
+    ref_wall = time.perf_counter() - ref.t0 - t_first  # from its first write (the run state) to its end
     want, want_sums = results(ref.stdout()), module_sums(tmp_path / "ref")
     assert [r["module"] for r in want] == [f"{t}-lora" for t in TASKS]
     n_points = sum(line.startswith("point ") for line in ref.trace_lines())
@@ -152,7 +161,8 @@ def test_crash_trials(server, task_args, tmp_path):
 
     rng = random.Random(SEED)
     plan = [("delay", rng.uniform(0.0, ref_wall)) for _ in range(N_TIMED)]
-    plan += [("point", n) for n in sorted(rng.sample(range(1, n_points + 1), N_POINTS))]
+    # crash point 1 (before the first rename: nothing on disk yet) always, the others at random
+    plan += [("point", n) for n in [1, *sorted(rng.sample(range(2, n_points + 1), N_POINTS - 1))]]
     phases, outcomes = collections.Counter(), collections.Counter()
     for i, (how, at) in enumerate(plan):
         bank = tmp_path / f"bank{i}"
@@ -193,6 +203,6 @@ def test_crash_trials(server, task_args, tmp_path):
 
     # the crash points are deterministic: saves of the bank and of the run state are both hit
     assert phases["saving bank"] >= 1 and phases["saving run state"] >= 1, phases
-    print(f"\ncrash trials: {len(plan)} ({N_TIMED} timed over {ref_wall:.1f} s, {N_POINTS} at crash points of "
+    print(f"\ncrash trials: {len(plan)} ({N_TIMED} timed over the {ref_wall:.1f} s after the first write, {N_POINTS} at crash points of "
           f"{n_points}); phase hit: {dict(phases)}; left after the kill: {dict(outcomes)}; "
           f"all {len(plan)} resumed to the uninterrupted report")
