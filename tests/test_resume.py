@@ -227,3 +227,22 @@ def test_read_state_fuzzed(good_state, tmp_path, data):
     except MtpeftError:
         return
     assert s["format"] == "mtpeft-run"  # what loads is a checked state
+
+
+def test_a_folder_killed_before_its_first_commit_is_a_new_bank(tmp_path):
+    """What a kill before the manifest's first commit leaves (run state, lock, a content-named weights file,
+    temporary files) does not make `train --out` refuse the folder; anything else in it does."""
+    from mtpeft.api import load_bank_or_new
+
+    bank = tmp_path / "bank"
+    (bank / RUNS).mkdir(parents=True)
+    (bank / RUNS / "20260101T000000Z-1.json").write_text("{}")
+    (bank / "modules").mkdir()
+    (bank / "modules" / "ta-lora.0123456789abcdef.safetensors").write_bytes(b"x")
+    (bank / "modules" / ".ta-lora.0123456789abcdef.safetensors.k2j.tmp").write_bytes(b"x")
+    (bank / ".manifest.json.ab12.tmp").write_text("{")
+    b, _ = load_bank_or_new("tiny-bert", bank)
+    assert b.names == []
+    (bank / "modules" / "mine.safetensors").write_bytes(b"a user's file")
+    with pytest.raises(MtpeftError, match="not empty and is not a bank"):
+        load_bank_or_new("tiny-bert", bank)
