@@ -37,12 +37,28 @@ def open_bank(path: str | Path, trainable: bool = False):
     return ModuleBank.load(path, bb, trainable=trainable), make_scorer(bb)
 
 
+def _uncommitted_bank(path: Path) -> bool:
+    """``path`` (no manifest) holds nothing but what a bank's first save or a run leaves before the manifest's
+    first commit (run states, lock, content-named weights, temporary files): a new bank may go there."""
+    import re
+
+    ours = re.compile(r"(.+\.[0-9a-f]{16}\.safetensors|\..+\.tmp)")
+    for p in path.iterdir():
+        if p.name in ("runs", ".mtpeft.lock") or re.fullmatch(r"\.manifest\.json\..+\.tmp", p.name):
+            continue
+        if p.name in ("modules", "artifacts") and p.is_dir() and not p.is_symlink() \
+                and all(ours.fullmatch(f.name) and f.is_file() and not f.is_symlink() for f in p.iterdir()):
+            continue
+        return False
+    return True
+
+
 def check_bank_target(path: str | Path) -> None:
     """``path`` is a bank, or new, or an empty directory (no torch: checked before the bank is locked)."""
     if Path(path).exists() and not (Path(path) / "manifest.json").exists():
         if not Path(path).is_dir():
             raise MtpeftError(f"{path} exists and is not a directory; choose a new --out for the bank")
-        if any(f.name != ".mtpeft.lock" for f in Path(path).iterdir()):  # the lock `train --out` holds aside
+        if not _uncommitted_bank(Path(path)):
             raise MtpeftError(f"{path} is not empty and is not a bank (no manifest.json); choose a new or empty "
                               "directory for the bank")
 

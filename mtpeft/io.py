@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .errors import MtpeftError
+from .faults import crash_point
 
 __all__ = ["MtpeftError"]  # re-exported: older code imports it from here
 
@@ -64,12 +65,14 @@ def _atomic(path: Path, write) -> None:
     try:
         write(tmp)
         _fsync_file(tmp)
+        crash_point(f"before-rename {path.parent.name}/{path.name}")  # fault injection for tests (inert)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+    crash_point(f"after-rename {path.parent.name}/{path.name}")
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

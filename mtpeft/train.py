@@ -205,7 +205,11 @@ def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "
 
 
 def default_threads() -> None:
-    """Use every core for intra-op parallelism (the default on some builds is fewer)."""
+    """Use every core for intra-op parallelism (the default on some builds is fewer), unless the user set
+    OMP_NUM_THREADS: that count is kept (results are bit-reproducible only at one thread count, and a
+    shared machine is much faster with fewer threads than cores)."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return
     n = os.cpu_count() or 1
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)

@@ -87,43 +87,73 @@ def cmd_train(args):
 
 def _train_into(args, tasks, config):
     from ..api import load_bank_or_new
-    from ..train import TrainConfig, evaluate, fit_expert, fit_multitask
+    from ..runstate import Run, run_config
+    from ..train import TrainConfig
 
     bank, scorer = load_bank_or_new(args.backbone, args.out)
     if args.multitask:
         names = [args.name or "multitask-" + args.module]
     else:
         names = [args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}" for t in tasks]
-    for name in names:  # before any training, so a clash costs nothing
-        if name in bank.names:
-            raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
-                              "name, or choose another --out")
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs, max_steps=args.max_steps,
-                      patience=args.patience, seed=args.seed, progress=not args.json,
-                      run_dir=None if args.run_dir is None else str(args.run_dir))
+    with Run(args.out, run_config(args, tasks, config, names), resume=args.resume) as run:  # BANK/runs/
+        for name in names:  # before any training, so a clash costs nothing
+            if name in bank.names and not run.owns(name):
+                raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
+                                  "name, or choose another --out")
+        run.begin(bank)  # a new run writes its state; a resumed one drops its unfinished module
+        cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                          max_steps=args.max_steps, patience=args.patience, seed=args.seed, progress=not args.json,
+                          run_dir=None if args.run_dir is None else str(args.run_dir))
+        rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run)
+        obj = {"bank": str(args.out), "results": rows}
+        if args.run_dir is not None:
+            obj["run_dir"] = str(args.run_dir)
+        run.close(obj)
+    emit(args, obj, rows,
+         ["module", "task", "n", "accuracy", "majority", "steps"], title=f"trained into {args.out}")
+
+
+def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[dict]:
+    """Train (or, when ``run`` finished them before an interruption, skip) the run's modules; the rows."""
+    from ..faults import phase
+    from ..train import evaluate, fit_expert, fit_multitask
+
     rows = []
     if args.multitask:
         (name,) = names
+        done = run.rows(name)
+        if done is not None:
+            return done
+        phase("train", name)
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
+        phase("evaluate", name)
         for t in tasks:
             rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
         per_task = {r["task"]: r["accuracy"] for r in rows}
         bank.record(name).metrics.update({"test_acc": sum(per_task.values()) / len(per_task),
                                           "test_acc_per_task": per_task})
-    else:
-        for t, name in zip(tasks, names):
-            m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
-            res = evaluate(bank, scorer, t, name)
-            bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
-            rows.append(dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"]))
-            bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
+        phase("save", name)
+        bank.save(args.out)
+        run.finished(name, rows)
+        return rows
+    for t, name in zip(tasks, names):
+        done = run.rows(name)
+        if done is not None:  # finished before an interruption: in the bank with its recorded checksum
+            rows += done
+            continue
+        phase("train", name)
+        m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
+        phase("evaluate", name)
+        res = evaluate(bank, scorer, t, name)
+        bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
+        new = [dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"])]
+        phase("save", name)
+        bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
+        run.finished(name, new)
+        rows += new
+    phase("save")
     bank.save(args.out)
-    obj = {"bank": str(args.out), "results": rows}
-    if args.run_dir is not None:
-        obj["run_dir"] = str(args.run_dir)
-    emit(args, obj, rows,
-         ["module", "task", "n", "accuracy", "majority", "steps"], title=f"trained into {args.out}")
-
+    return rows
 
 
 def add_parser(sub) -> None:
@@ -149,4 +179,7 @@ def add_parser(sub) -> None:
                    help="write each fit's training curves (Lightning's CSV logger: metrics.csv with train/loss "
                    "per step, val/acc and val/loss per validation, hparams.yaml) to DIR/<module name>/ "
                    "(default: no logs)")
+    s.add_argument("--resume", action="store_true",
+                   help="finish the bank's interrupted run (state in OUT/runs/): same settings required; "
+                   "modules it finished are kept, the others trained again")
     s.set_defaults(func=cmd_train)

@@ -139,6 +139,12 @@ class PhaseModule(L.LightningModule):
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._common_step(batch, "test")
 
+    def on_fit_start(self):
+        # Lightning keeps the train/eval mode it finds: a bank evaluated before (a previous fit's test
+        # accuracy) would train in eval mode, without its modules' dropout, so a fit's result would depend
+        # on what the process did before it (and a resumed run would differ from an uninterrupted one)
+        self.train()
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.bank.train(mode)  # keeps the frozen backbone in eval mode
