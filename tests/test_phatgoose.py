@@ -233,3 +233,16 @@ def test_phatgoose_sends_each_task_to_its_expert():
     for t in tasks:
         share = routed_share(bank, scorer, router, t, f"{t.name}-lora")
         assert share > 0.9, (t.name, share)
+
+
+def test_gate_training_refuses_a_merged_module():
+    from mtpeft.backbone import load_backbone
+    from mtpeft.scorer import make_scorer
+
+    bb = load_backbone("tiny-bert", seed=0)
+    bank, scorer = ModuleBank(bb), make_scorer(bb)
+    bank.add("e0", "lora", {"r": 2}, task="toy")
+    bank.merge("e0")
+    with pytest.raises(MtpeftError, match="unmerge"):
+        fit_gates(bank, scorer, synthetic_task("toy"), "e0", TrainConfig(progress=False), steps=1)
+    assert gates_of(bank, "e0") == {}
