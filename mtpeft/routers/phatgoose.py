@@ -178,13 +178,15 @@ class PhatgooseRouter(Router):
         self._normed = {}
 
     def _gates(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """LN(gates) at site ``i`` in ``x``'s dtype and device, and the sites' global ids (cached)."""
+        """LN(gates) at site ``i`` in ``x``'s dtype and device, and their experts' bank ids (cached until the
+        router is rebound, moved or loaded)."""
         key = (i, x.device, x.dtype)
-        g = self._normed.get(key)
-        if g is None:
+        got = self._normed.get(key)
+        if got is None:
             raw = getattr(self, f"gates_{i}")
-            g = self._normed[key] = F.layer_norm(raw.float(), (raw.shape[-1],)).to(device=x.device, dtype=x.dtype)
-        return g, self._site_ids[i].to(x.device)
+            g = F.layer_norm(raw.float(), (raw.shape[-1],)).to(device=x.device, dtype=x.dtype)
+            got = self._normed[key] = (g, self._site_ids[i].to(x.device))
+        return got
 
     def _apply(self, fn, *args, **kw):  # a move or cast of the buffers drops the cached normalised gates
         self._normed = {}
