@@ -81,17 +81,10 @@ class PhatgooseGates(Router):
         self.gates = nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in self.dims])
 
     @classmethod
-    def for_module(cls, bank, name: str, init: bool = False) -> PhatgooseGates:
-        """Zero gates at every site of module ``name`` (``init=True``: start from its stored gates)."""
+    def for_module(cls, bank, name: str) -> PhatgooseGates:
+        """Zero gates at every site of module ``name``, on the bank's device."""
         sites = gate_sites(bank, name)
-        router = cls(name, [s for s, _ in sites], [d for _, d in sites])
-        if init:
-            have = gates_of(bank, name)
-            with torch.no_grad():
-                for i, s in enumerate(router.sites):
-                    if s in have:
-                        router.gates[i].copy_(have[s])
-        return router.to(bank.device)
+        return cls(name, [s for s, _ in sites], [d for _, d in sites]).to(bank.device)
 
     def at_site(self, site: str, x: Tensor, ctx: RouteContext) -> Routing | None:
         i = self._pos.get(site)
