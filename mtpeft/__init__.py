@@ -33,6 +33,8 @@ _LAZY = {
     "TrainConfig": ".train",
     "evaluate": ".train",
     "expert_vs_zero_shot": ".train",
+    "fit_centroid": ".gates",
+    "fit_gates": ".gates",
     "fit_expert": ".train",
     "fit_multitask": ".train",
 }
@@ -75,7 +77,9 @@ __all__ = [
     "builtin_names",
     "evaluate",
     "expert_vs_zero_shot",
+    "fit_centroid",
     "fit_expert",
+    "fit_gates",
     "fit_multitask",
     "load_backbone",
     "load_builtin",

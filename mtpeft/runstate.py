@@ -54,7 +54,7 @@ def run_config(args, tasks, module_config, names) -> dict:
             "max_examples": args.max_examples, "seed": args.seed, "multitask": bool(args.multitask),
             "sampling": args.sampling, "lr": args.lr, "batch_size": args.batch_size,
             "max_epochs": args.max_epochs, "max_steps": args.max_steps, "patience": args.patience,
-            "modules": list(names)}
+            "modules": list(names), "gate": bool(getattr(args, "gate", False))}
     return json.loads(json.dumps(conf))
 
 

@@ -76,6 +76,9 @@ def cmd_train(args):
     _apply_train_config(args)
     _check_train_args(args)
     tasks = _load_tasks(args)
+    if args.gate and args.multitask:
+        raise MtpeftError("--gate gates one expert per task (PHATGOOSE); drop --multitask, or gate later with "
+                          "`mtpeft gate --bank BANK --module NAME --task TASK`")
     if args.name and len(tasks) > 1 and not args.multitask:
         raise MtpeftError(f"--name names one module, but {len(tasks)} tasks each get their own expert; drop --name "
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
@@ -147,6 +150,13 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
         res = evaluate(bank, scorer, t, name)
         bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
         new = [dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"])]
+        if args.gate:  # PHATGOOSE gates and retrieval centroid of the new expert (cli/gate.py)
+            from ..gates import CENTROID_EXAMPLES, GATE_LR, GATE_STEPS
+            from .gate import gate_rows
+
+            phase("gate", name)
+            g = gate_rows(bank, scorer, [(t, name)], cfg, GATE_STEPS, GATE_LR, CENTROID_EXAMPLES)
+            new[-1]["gate_val_acc"] = g[0]["val_acc"]
         phase("save", name)
         bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
         run.finished(name, new)
@@ -182,4 +192,7 @@ def add_parser(sub) -> None:
     s.add_argument("--resume", action="store_true",
                    help="finish the bank's interrupted run (state in OUT/runs/): same settings required; "
                    "modules it finished are kept, the others trained again")
+    s.add_argument("--gate", action="store_true",
+                   help="after training each expert, train its PHATGOOSE gates and compute its retrieval centroid "
+                   "(as `mtpeft gate`: 100 steps, lr 5e-3), for `mtpeft route`")
     s.set_defaults(func=cmd_train)
