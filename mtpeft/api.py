@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -71,6 +72,9 @@ def parse_options(module_type: str, options: list[str]):
             kw[k] = json.loads(v)
         except json.JSONDecodeError:
             kw[k] = v
+        if not _finite(kw[k]):  # JSON's NaN / Infinity: a module of NaN weights, trained and saved silently
+            raise MtpeftError(f"option {opt!r} of {module_type}: {v} is not a finite number; give a finite value, "
+                              f"e.g. --option {k}=0.5")
         hint = _option_types(cls).get(k)
         if hint is not None:  # unknown keys are reported by from_dict, with the known ones
             kw[k] = _coerce_option(module_type, k, v, kw[k], hint)
@@ -78,6 +82,17 @@ def parse_options(module_type: str, options: list[str]):
         return cls.from_dict(kw)
     except (TypeError, ValueError) as e:
         raise MtpeftError(f"bad option for {module_type}: {e}") from e
+
+
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere in a parsed JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(x) for x in value)
+    if isinstance(value, dict):
+        return all(_finite(x) for x in value.values())
+    return True
 
 
 _TYPE_NAMES = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}

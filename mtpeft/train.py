@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import MtpeftError
 from .routing import Routing
 
 
@@ -95,6 +96,7 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
     Returns best_val_acc, best_epoch, steps, train_seconds, seed.
     """
     from .lightning import KeepBest, PhaseModule, TaskDataModule
+    from .lightning.phase import NonFiniteLoss
 
     cfg = cfg or TrainConfig()
     tasks = list(tasks)
@@ -116,11 +118,26 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
         with _quiet_lightning():
             trainer = _trainer(cfg, [*callbacks, keep], seed, name)
             trainer.fit(module, datamodule=dm)
+        _check_finite(module, name, trainer.global_step)
+    except NonFiniteLoss as e:
+        module.load_state_dict(before, strict=False)
+        raise MtpeftError(f"training of {name!r} stopped at step {e.step}: the loss is {e.loss}, not a finite "
+                          f"number; nothing of {name!r} is kept (the rest of the bank and the saved files are as "
+                          "they were). Lower the learning rate (--lr, e.g. 10 times lower) or check the inputs") from e
     except BaseException:
         module.load_state_dict(before, strict=False)  # what trains is as it was before the fit
         raise
     return {"best_val_acc": keep.best, "best_epoch": keep.best_epoch, "steps": trainer.global_step,
             "train_seconds": round(time.perf_counter() - t0, 2), "seed": seed}
+
+
+def _check_finite(module, name: str, steps: int) -> None:
+    """A fit whose kept weights hold NaN or infinity (an overflowing update) counts as a non-finite loss."""
+    from .lightning.phase import NonFiniteLoss
+
+    for pname, p in module.trainable_parameters().items():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteLoss(steps, float("nan")) from MtpeftError(f"{pname} of {name!r} is not finite")
 
 
 def fit_expert(bank, scorer, task, name: str | None = None, module_type: str = "lora", config=None,

@@ -2,8 +2,71 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from ..errors import MtpeftError
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+class Setting(NamedTuple):
+    """One scalar setting, checked alike as a flag (``--max-steps``) and as a run-file key (``max_steps``).
+
+    ``kind``: str, int (not bool, not 2.5), float (finite; an int, or a numeric string as YAML reads
+    ``1e-3``) or bool (true/false only, not "no"); ``optional``: None allowed; ``ok``: the range check."""
+
+    key: str
+    kind: type
+    optional: bool
+    ok: Callable[[Any], bool] | None
+    what: str
+    example: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def check(self, value, where: str, eg: str):
+        """``value`` as the setting takes it, or an MtpeftError naming ``where``, the value and what to give
+        (``eg``: how an example is written there, ``"--lr "`` or ``"lr: "``)."""
+        want = f"{self.what}, e.g. {eg}{self.example}"
+        if value is None and self.optional:
+            return None
+        v = _as_kind(self.kind, value)
+        if v is None:
+            raise MtpeftError(f"{where} must be {self.what if self.kind in (str, Path) else _KIND_NAMES[self.kind]}, "
+                              f"not {value!r}; give {want}")
+        if self.kind is float and not math.isfinite(v):
+            shown = f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+            raise MtpeftError(f"{shown} is not a finite number; give {want}")
+        if self.ok is not None and not self.ok(v):
+            shown = f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+            raise MtpeftError(f"{shown} is {'not accepted' if self.kind is str else 'out of range'}; give {want}")
+        return v
+
+
+def _as_kind(kind: type, value):
+    """``value`` as ``kind``, or None when it is not one."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if kind is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `lr: 1e-3` as the string "1e-3"
+            try:
+                return float(value.strip())
+            except ValueError:
+                return None
+        return None
+    if kind is Path:
+        return Path(value) if isinstance(value, (str, os.PathLike)) and str(value) else None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 # ---- output helpers ------------------------------------------------------------------------------

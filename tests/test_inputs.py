@@ -1,0 +1,125 @@
+"""Bad input to `mtpeft train` and the task readers, found as a new user would (issue 14): each case gets a
+clear ``mtpeft: error:`` (exit 2) that names the key or flag, the value and what to give, before anything
+loads; a NaN loss stops that module's training and leaves the bank as it was."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import error_of, files, run_json  # noqa: F401  (files: a fixture)
+
+from mtpeft.cli import load_run_config
+
+
+def listing(d):
+    """Every file under ``d`` with its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ---- item 1: run files are typed like the flags --------------------------------------------------
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"lr": "fast"}', "'lr' must be a number, not 'fast'; give a positive learning rate, e.g. lr: 1e-3"),
+    ("sampling: bogus\n", "'sampling' = 'bogus' is not accepted; give one of proportional, temperature, uniform"),
+    ('multitask: "no"\n', "'multitask' must be true or false, not 'no'"),
+    ('{"multitask": 1}', "'multitask' must be true or false, not 1"),
+    ('{"max_steps": 2.5}', "'max_steps' must be an integer, not 2.5; give a positive integer, or -1"),
+    ('{"max_steps": true}', "'max_steps' must be an integer, not True"),
+    ('{"batch_size": "16"}', "'batch_size' must be an integer, not '16'"),
+    ('{"batch_size": 0}', "'batch_size' = 0 is out of range; give a positive integer, e.g. batch_size: 16"),
+    ("lr: .nan\n", "'lr' = nan is not a finite number"),
+    ("lr: .inf\n", "'lr' = inf is not a finite number"),
+    ('{"lr": -1}', "'lr' = -1 is out of range"),
+    ('{"seed": "zero"}', "'seed' must be an integer, not 'zero'"),
+    ('{"module": 3}', "'module' must be a module type, not 3"),
+    ('{"max_examples": 0}', "'max_examples' = 0 is out of range"),
+    ('{"options": {"alpha": NaN}}', "options.alpha = nan is not a finite number; give a finite value"),
+    ("options: {alpha: [1, .inf]}\n", "options.alpha = [1, inf] is not a finite number"),
+    ('{"patience": -2}', "'patience' = -2 is out of range; give an integer >= 0, e.g. patience: 2"),
+], ids=["lr-str", "sampling", "multitask-str", "multitask-int", "max-steps-float", "max-steps-bool",
+        "batch-str", "batch-zero", "lr-nan", "lr-inf", "lr-negative", "seed-str", "module-int", "max-examples",
+        "option-nan", "option-inf", "patience"])
+def test_run_file_values_are_typed(capsys, tmp_path, files, content, problem):  # noqa: F811
+    conf = tmp_path / ("run.json" if content.startswith("{") else "run.yaml")
+    conf.write_text(content)
+    msg = error_of(capsys, "train", "--config", conf, "--backbone", "tiny-bert", "--task-file",
+                   f"toy={files['csv']}", "--out", tmp_path / "b")
+    assert problem in msg, msg
+    assert str(conf) in msg
+    assert not (tmp_path / "b").exists()
+
+
+def test_run_file_numbers_as_yaml_writes_them(tmp_path):
+    """PyYAML reads `lr: 1e-3` as a string: it is the number the user wrote. Ints are floats where floats go."""
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nbatch_size: 8\nmultitask: false\nrun_dir: logs\n")
+    conf = load_run_config(tmp_path / "run.yaml")
+    assert conf["lr"] == 0.001 and isinstance(conf["lr"], float)
+    assert conf["batch_size"] == 8 and conf["multitask"] is False and str(conf["run_dir"]) == "logs"
+    (tmp_path / "run.json").write_text('{"lr": 1}')
+    assert load_run_config(tmp_path / "run.json")["lr"] == 1.0
+
+
+def test_config_help_says_yaml_or_json(capsys):
+    from mtpeft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "YAML (.yaml/.yml) or JSON" in " ".join(capsys.readouterr().out.split())
+
+
+# ---- item 2: non-finite values ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, problem", [
+    (("--lr", "inf"), "--lr inf is not a finite number; give a positive learning rate, e.g. --lr 1e-3"),
+    (("--lr=-inf",), "--lr -inf is not a finite number"),
+    (("--lr", "nan"), "--lr nan is not a finite number"),
+    (("--option", "alpha=NaN"), "option 'alpha=NaN' of lora: NaN is not a finite number"),
+    (("--option", "alpha=Infinity"), "Infinity is not a finite number; give a finite value"),
+    (("--option", "dropout=-Infinity"), "-Infinity is not a finite number"),
+])
+def test_non_finite_flags_are_refused_before_anything_loads(capsys, tmp_path, files, extra, problem):  # noqa: F811
+    msg = error_of(capsys, "train", "--backbone", "no-such-backbone", "--task-file", f"toy={files['csv']}",
+                   "--out", tmp_path / "b", "--max-steps", 2, *extra)
+    assert problem in msg, msg  # before the (unknown) backbone is even looked up
+    assert not (tmp_path / "b").exists()
+
+
+def test_nan_loss_stops_the_module_and_keeps_the_bank(capsys, tmp_path, files):  # noqa: F811
+    bank = tmp_path / "b"
+    run_json(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}", "--out", bank,
+             "--max-steps", 2)
+    before = listing(bank)
+    # an lr of 1e30 makes the LoRA product overflow after one step: the loss of step 2 is NaN
+    msg = error_of(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy2={files['jsonl']}",
+                   "--out", bank, "--max-steps", 6, "--lr", "1e30")
+    assert "training of 'toy2-lora' stopped at step 2" in msg and "not a finite number" in msg, msg
+    assert "Lower the learning rate (--lr" in msg
+    assert listing(bank) == before
+    assert [e["name"] for e in json.loads((bank / "manifest.json").read_text())["modules"]] == ["toy-lora"]
+
+
+def test_forced_nan_loss_names_step_and_module_and_removes_it():
+    import torch
+    from conftest import synthetic_task
+
+    from mtpeft.api import new_bank
+    from mtpeft.errors import MtpeftError
+    from mtpeft.train import TrainConfig, fit_expert
+
+    bank, scorer = new_bank("tiny-bert")
+    task = synthetic_task()
+    fit_expert(bank, scorer, task, "first", "lora", cfg=TrainConfig(max_steps=1, progress=False))
+    first = {k: v.clone() for k, v in bank.module_parameters("first").items()}
+    real = scorer.logits
+    calls = []
+
+    def poisoned(*a, **k):  # the third training forward (validation runs without grad) returns NaN logits
+        out = real(*a, **k)
+        calls.append(torch.is_grad_enabled())
+        return out * float("nan") if sum(calls) == 3 and calls[-1] else out
+
+    scorer.logits = poisoned
+    with pytest.raises(MtpeftError, match=r"training of 'second' stopped at step 3: the loss is nan"):
+        fit_expert(bank, scorer, task, "second", "lora", cfg=TrainConfig(max_steps=5, progress=False))
+    assert bank.names == ["first"]
+    assert all(torch.equal(first[k], v) for k, v in bank.module_parameters("first").items())
