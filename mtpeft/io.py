@@ -30,6 +30,33 @@ def cache_dir() -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Fail fast, before any work, when ``path`` cannot be (or become) a directory this process writes in:
+    it, or its nearest existing ancestor, must be a directory where a file can be created. ``what`` names
+    it in the error (e.g. ``--out``)."""
+    path = Path(path)
+    probe = path
+    while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
+        probe = probe.parent
+    if probe.is_symlink() and not probe.exists():
+        raise MtpeftError(f"{what} {path}: {probe} is a broken symbolic link; remove it or choose another {what}")
+    if not probe.is_dir():
+        if probe == path:
+            raise MtpeftError(f"{what} {path} exists and is not a directory; choose a new {what} (a directory)")
+        raise MtpeftError(f"{what} {path} lies under {probe}, which is a file, not a directory; choose a new {what} "
+                          "outside it")
+    where = "" if probe == path else f" (its nearest existing folder {probe})"
+    fix = f"choose a {what} you can write to, or change the folder's permissions"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MtpeftError(f"{what} {path}{where} is not writable by this user; {fix}")
+    try:  # access() does not see read-only mounts, pseudo file systems (/proc) or a full quota
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".mtpeft-write-check-")
+    except OSError as e:
+        raise MtpeftError(f"{what} {path}{where}: a file cannot be created there ({e.strerror}); {fix}") from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or an unlink in directory ``path`` durable, where the platform allows it."""
     if os.name == "nt":  # Windows cannot open a directory for fsync

@@ -123,3 +123,36 @@ def test_forced_nan_loss_names_step_and_module_and_removes_it():
         fit_expert(bank, scorer, task, "second", "lora", cfg=TrainConfig(max_steps=5, progress=False))
     assert bank.names == ["first"]
     assert all(torch.equal(first[k], v) for k, v in bank.module_parameters("first").items())
+
+
+# ---- item 3: a bad --out fails before training --------------------------------------------------------
+
+def test_bad_out_fails_before_anything_loads(capsys, tmp_path, files):  # noqa: F811
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    # the unknown backbone is looked up after the --out check: its error would mean the check came too late
+    argv = ["train", "--backbone", "no-such-backbone", "--task-file", f"toy={files['csv']}", "--max-steps", 1]
+    for out, problem in [(tmp_path / "afile" / "sub", "lies under"), (tmp_path / "afile" / "a" / "b", "lies under"),
+                         (tmp_path / "afile", "exists and is not a directory; choose a new --out"),
+                         (tmp_path / "gone" / "bank", "is a broken symbolic link"),
+                         ("/proc/mtpeft-bank", "a file cannot be created there")]:
+        msg = error_of(capsys, *argv, "--out", out)
+        assert problem in msg and str(out) in msg, msg
+    msg = error_of(capsys, *argv, "--out", tmp_path / "ok", "--run-dir", tmp_path / "afile" / "logs")
+    assert "--run-dir" in msg and "lies under" in msg
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "ok").exists()
+
+
+def test_unwritable_out_is_named(capsys, tmp_path, files, monkeypatch):  # noqa: F811
+    """A folder without write permission (for root, which writes anyway, os.access is what says no)."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(locked) else real(p, mode, **k))
+    msg = error_of(capsys, "train", "--backbone", "no-such-backbone", "--task-file", f"toy={files['csv']}",
+                   "--out", locked / "bank")
+    assert f"--out {locked / 'bank'} (its nearest existing folder {locked}) is not writable" in msg, msg
+    locked.chmod(0o700)

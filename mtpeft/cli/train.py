@@ -90,6 +90,11 @@ def _check_train_args(args) -> None:
         run_dir = Path(args.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise MtpeftError(f"--run-dir {run_dir} is a file, not a directory; give a directory for the fits' logs")
+    from ..io import check_writable_dir
+
+    check_writable_dir(args.out, "--out")  # before the backbone loads and training runs, not at the final save
+    if args.run_dir is not None:
+        check_writable_dir(args.run_dir, "--run-dir")
 
 
 def cmd_train(args):
