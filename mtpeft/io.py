@@ -81,15 +81,43 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux: /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but no file is created meanwhile)
+    os.umask(old)
+    return old
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new temporary directory in ``parent`` with the mode a plain ``mkdir`` would give it (``mkdtemp``
+    makes 0700 whatever the umask), for folders that are renamed into place."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def _atomic(path: Path, write) -> None:
     """``write(tmp)`` a temporary file beside ``path``, flush it to disk, rename it over ``path`` and flush
-    the directory: after a crash ``path`` holds the old content or the new one, never a part."""
+    the directory: after a crash ``path`` holds the old content or the new one, never a part. The file gets
+    the mode of the one it replaces, or of a new file under the umask (``mkstemp`` alone gives 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # after: a writer may re-create the file (safetensors does, 0600 again)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

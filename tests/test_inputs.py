@@ -156,3 +156,113 @@ def test_unwritable_out_is_named(capsys, tmp_path, files, monkeypatch):  # noqa:
                    "--out", locked / "bank")
     assert f"--out {locked / 'bank'} (its nearest existing folder {locked}) is not writable" in msg, msg
     locked.chmod(0o700)
+
+
+# ---- item 5: progress on stderr, stdout alone; --version; exact accuracies; escaped names -------------
+
+def test_progress_goes_to_stderr_named_and_from_epoch_1(capsys, tmp_path, files):  # noqa: F811
+    from test_cli import run
+
+    argv = ["train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}", "--out", tmp_path / "b",
+            "--max-steps", 2, "--max-epochs", 2]
+    rc, out, err = run(capsys, *argv, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["results"][0]["module"] == "toy-lora"  # stdout is the JSON alone
+    assert "toy-lora epoch 1/2" in err and "epoch 0" not in err and "Epoch" not in err
+    rc, out, err = run(capsys, *argv, "--name", "second")
+    assert rc == 0 and "second (toy) epoch 1/2" in err and "Training" not in err
+    assert out.splitlines()[0] == f"trained into {tmp_path / 'b'}" and "epoch" not in out and "\r" not in out
+    rc, out, err = run(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}",
+                       "--task-file", f"toy2={files['jsonl']}", "--multitask", "--out", tmp_path / "b",
+                       "--max-steps", 1, "--json")
+    assert rc == 0 and "multitask-lora (toy, toy2) epoch 1" in err
+    json.loads(out)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from mtpeft.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mtpeft {version('mtpeft')}"
+
+
+def test_accuracy_is_the_exact_ratio_of_counts():
+    """17 test examples: k/17 as Python computes it, not a float32 rounding of it (0.4117647058823529 is
+    the accuracy, 0.4117647111415863 was printed)."""
+    from conftest import synthetic_task
+    from datasets import DatasetDict
+
+    from mtpeft.api import new_bank
+    from mtpeft.train import evaluate, predict
+
+    task = synthetic_task(n=48)
+    test = task.splits["test"]
+    task.splits = DatasetDict(train=task.splits["train"], validation=task.splits["validation"],
+                              test=test.select([i % len(test) for i in range(17)]))
+    bank, scorer = new_bank("tiny-bert")
+    preds, labels = predict(bank, scorer, task)
+    k = int((preds == labels).sum())
+    assert 0 < k < 17  # a ratio float32 cannot hold exactly
+    res = evaluate(bank, scorer, task)
+    assert res["accuracy"] == k / 17 and repr(res["accuracy"]) == repr(k / 17)
+    assert repr(task.majority_baseline()) == repr(int((labels == task.majority_label()).sum()) / 17)
+
+
+def test_control_characters_in_names_are_escaped(capsys, tmp_path, files):  # noqa: F811
+    from test_cli import run
+
+    from mtpeft.cli.common import table
+
+    shown = table([{"name": "a\x1b[2Jb\n", "tasks": ["t\x07"], "acc": 0.5}], ["name", "tasks", "acc"])
+    assert "\x1b" not in shown and "\x07" not in shown and "a\\x1b[2Jb\\n" in shown and "t\\x07" in shown
+    evil = "m\x1b[31mred\x1b[0m"
+    rc, out, err = run(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}",
+                       "--out", tmp_path / "b", "--max-steps", 1, "--name", evil)
+    assert rc == 0, err
+    assert "\x1b" not in out and "\x1b[31m" not in err and "m\\x1b[31mred\\x1b[0m" in out  # tqdm moves its own cursor
+    for argv in (("bank", "ls", tmp_path / "b"), ("bank", "show", tmp_path / "b", evil)):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 0 and "\x1b" not in out and "m\\x1b[31mred" in out, (out, err)
+    msg = error_of(capsys, "bank", "show", tmp_path / "b", "no\x1bsuch")
+    assert "\x1b" not in msg
+
+
+# ---- item 6: files and folders honour the umask ---------------------------------------------------
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                       (0o002, 0o664, 0o775)])
+def test_saved_files_honour_the_umask(tmp_path, mask, file_mode, dir_mode):
+    import os
+    import stat
+
+    from conftest import synthetic_task
+
+    from mtpeft.api import new_bank
+    from mtpeft.interop import export_peft
+    from mtpeft.io import write_json
+
+    bank, _ = new_bank("tiny-bert")
+    bank.add("toy-lora", "lora", {"r": 2}, task=synthetic_task().name)
+    old = os.umask(mask)
+    try:
+        bank.save(tmp_path / "bank")
+        export_peft(bank, "toy-lora", tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    for root in (tmp_path / "bank", tmp_path / "adapter"):
+        paths = [root, *root.rglob("*")]
+        assert len(paths) >= 3
+        for p in paths:
+            if p.is_dir():
+                assert mode(p) == dir_mode, p
+            elif p.name != ".lock":  # the lock file is the lock's own business
+                assert mode(p) == file_mode, (p, oct(mode(p)))
+    # a file that already exists keeps its mode when rewritten
+    (tmp_path / "bank" / "manifest.json").chmod(0o640)
+    write_json(tmp_path / "bank" / "manifest.json", {"x": 1})
+    assert mode(tmp_path / "bank" / "manifest.json") == 0o640

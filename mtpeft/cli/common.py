@@ -71,12 +71,15 @@ def _as_kind(kind: type, value):
 
 # ---- output helpers ------------------------------------------------------------------------------
 def table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as aligned columns; floats to 3 decimals, control characters in names escaped."""
+    from ..display import printable
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3f}"
         if isinstance(v, (list, tuple)):
-            return ", ".join(map(str, v))
-        return "" if v is None else str(v)
+            return ", ".join(map(printable, v))
+        return "" if v is None else printable(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
@@ -89,7 +92,9 @@ def emit(args, obj: dict, rows: list[dict], columns: list[str], title: str | Non
         print(json.dumps(obj, indent=2))
     else:
         if title:
-            print(title)
+            from ..display import printable
+
+            print(printable(title))
         print(table(rows, columns))
 
 

@@ -118,7 +118,7 @@ def cmd_train(args):
             raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
                               "name, or choose another --out")
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs, max_steps=args.max_steps,
-                      patience=args.patience, seed=args.seed, progress=not args.json,
+                      patience=args.patience, seed=args.seed, progress=True,
                       run_dir=None if args.run_dir is None else str(args.run_dir))
     rows = []
     if args.multitask:
@@ -127,7 +127,7 @@ def cmd_train(args):
         for t in tasks:
             rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
         per_task = {r["task"]: r["accuracy"] for r in rows}
-        bank.record(name).metrics.update({"test_acc": sum(per_task.values()) / len(per_task),
+        bank.record(name).metrics.update({"test_acc": round(sum(per_task.values()) / len(per_task), 6),
                                           "test_acc_per_task": per_task})
     else:
         for t, name in zip(tasks, names):
