@@ -123,3 +123,19 @@ def _coerce_option(module_type: str, key: str, raw: str, value, hint):
     example = next((e for t, e in ((int, "8"), (float, "0.5"), (bool, "true")) if t in arms), """'["query","value"]'""")
     raise MtpeftError(f"option {key}={raw!r} of {module_type}: {key} takes {want}, not {raw!r}; "
                       f"e.g. --option {key}={example}")
+
+
+def check_input_room(bank, scorer, module_type: str, config) -> None:
+    """Refuse, before training, virtual tokens (prompt, p-tuning, prefix ``n_tokens``) that leave no room
+    for the inputs in an encoder with absolute positions: ``n_tokens`` plus the longest input the scorer
+    keeps (``scorer.max_length``, inputs are truncated to it) must fit the backbone's positions."""
+    n = getattr(config, "n_tokens", None)
+    max_pos = getattr(bank.model.config, "max_position_embeddings", None)
+    longest = getattr(scorer, "max_length", None)
+    if bank.family != "encoder" or not isinstance(n, int) or not max_pos or not longest:
+        return
+    if n + longest > max_pos:
+        raise MtpeftError(f"option n_tokens={n} of {module_type}: {n} virtual tokens plus inputs of up to {longest} "
+                          f"tokens (longer inputs are truncated) exceed the {max_pos} positions of the backbone "
+                          f"{getattr(bank.backbone, 'name', '')!r}; give --option n_tokens={max_pos - longest} "
+                          "or fewer")

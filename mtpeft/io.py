@@ -154,11 +154,14 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 def read_config(path: str | Path, what: str = "config") -> Any:
     """A JSON file, or YAML for ``.yaml`` / ``.yml`` (safe loading only: plain data, no objects)."""
+    # beyond the parsers' own errors: values they cannot build (a date 2001-13-45, `!!float fast`) raise
+    # ValueError, and nesting thousands deep raises RecursionError
     if Path(path).suffix.lower() not in (".yaml", ".yml"):
-        return read_json(path, what)
+        return _read_data(path, what, "JSON", json.load, (ValueError, RecursionError), "restore it or re-create it")
     import yaml
 
-    return _read_data(path, what, "YAML", yaml.safe_load, (yaml.YAMLError,), "fix the line named above")
+    return _read_data(path, what, "YAML", yaml.safe_load, (yaml.YAMLError, ValueError, TypeError, RecursionError),
+                      "fix the line named above")
 
 
 def _read_data(path, what: str, fmt: str, parse, errors: tuple, fix: str) -> Any:

@@ -266,3 +266,192 @@ def test_saved_files_honour_the_umask(tmp_path, mask, file_mode, dir_mode):
     (tmp_path / "bank" / "manifest.json").chmod(0o640)
     write_json(tmp_path / "bank" / "manifest.json", {"x": 1})
     assert mode(tmp_path / "bank" / "manifest.json") == 0o640
+
+
+# ---- item 4: task files ----------------------------------------------------------------------------
+
+def write_jsonl(path, labels, text=lambda i: f"text {i}"):
+    path.write_text("".join(json.dumps({"text": text(i), "label": y}) + "\n" for i, y in enumerate(labels)))
+    return path
+
+
+def all_labels(task):
+    return {e["text"]: task.label_names[e["label"]] for ds in task.splits.values() for e in ds}
+
+
+def test_sparse_integer_labels_are_their_distinct_values(tmp_path):
+    """{0, 1, 10000000} is three classes (it made ten million); 0..K-1 keeps its indices."""
+    from mtpeft.tasks import load_task_file
+
+    labels = [0, 1, 10_000_000, -3] * 5
+    t = load_task_file("x", write_jsonl(tmp_path / "d.jsonl", labels))
+    assert t.label_names == ["-3", "0", "1", "10000000"]
+    assert all_labels(t) == {f"text {i}": str(y) for i, y in enumerate(labels)}
+    t = load_task_file("x", write_jsonl(tmp_path / "e.jsonl", [2, 0, 1] * 5))
+    assert t.label_names == ["0", "1", "2"]
+    assert all(t.label_names[e["label"]] == str(e["label"]) for e in t.splits["train"])
+
+
+def test_label_count_is_bounded_with_a_flag_to_raise_it(capsys, tmp_path):
+    from test_cli import error_of
+
+    from mtpeft.errors import MtpeftError
+    from mtpeft.tasks import load_task_file
+
+    many = write_jsonl(tmp_path / "many.jsonl", [f"label {i}" for i in range(1500)] * 2)
+    with pytest.raises(MtpeftError, match=r"1500 distinct labels, more than the bound of 1000 .*--max-labels 1500"):
+        load_task_file("x", many)
+    assert load_task_file("x", many, max_labels=1500).num_labels == 1500
+    ints = write_jsonl(tmp_path / "ints.jsonl", list(range(100_000)) + [0] * 20)
+    msg = error_of(capsys, "zero-shot", "--backbone", "tiny-bert", "--task-file", f"x={ints}")
+    assert "100000 distinct labels" in msg and "--max-labels 100000" in msg
+    msg = error_of(capsys, "zero-shot", "--backbone", "tiny-bert", "--task-file", f"x={many}", "--max-labels", 1200)
+    assert "more than the bound of 1200" in msg
+    with pytest.raises(MtpeftError, match="more than the bound of 2 labels"):
+        load_task_file("x", write_jsonl(tmp_path / "three.jsonl", [0, 1, 2] * 3), label_names=["a", "b", "c"],
+                       max_labels=2)
+
+
+def test_many_labels_never_copy_the_label_embeddings_per_example(tmp_path):
+    """A batch of 64 over two tasks of 12000 labels: the logits cost [64, 12000], not a [64, 12000, H] copy of
+    the label embeddings (peak memory measured in a fresh process; the copy alone is 98 MB on tiny-bert)."""
+    import subprocess
+    import sys
+
+    prog = """
+import resource, sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+from conftest import synthetic_task
+from mtpeft.api import new_bank
+torch.set_num_threads(1)
+bank, scorer = new_bank("tiny-bert")
+tasks = [synthetic_task(f"t{{k}}", n=4, labels=[f"label {{k}} {{i}}" for i in range(12000)]) for k in range(2)]
+for t in tasks:
+    scorer.label_embeddings(bank, t)
+texts = ["some text %d" % i for i in range(64)]
+batch_tasks = [tasks[i % 2] for i in range(64)]
+with torch.no_grad():
+    scorer.logits(bank, texts[:2], batch_tasks[:2])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = scorer.logits(bank, texts, batch_tasks)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+x = scorer.encode(bank, [t.format_input(s) for t, s in zip(batch_tasks, texts)])
+ref = torch.stack([x[i] @ scorer.label_embeddings(bank, batch_tasks[i]).t() for i in range(64)]) / scorer.temperature
+assert tuple(out.shape) == (64, 12000) and torch.allclose(out, ref, atol=1e-4)
+print(grown // 1024)
+"""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-c", prog.format(root=str(root), tests=str(root / "tests"))],
+                       capture_output=True, text=True, timeout=600, check=False,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    grown_mb = int(p.stdout.split()[-1])
+    assert grown_mb < 40, grown_mb
+
+
+def parser_flags(cmd):
+    from mtpeft.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd").choices[cmd]
+    return {s for a in sub._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("content, extra, problem", [
+    ("sentence,lbl\na,x\nb,y\nc,x\n", (), "or name yours: --text-column NAME --label-column NAME"),
+    ("text,label\na,x\nb,x\nc,x\n", (), "--label-names A,B"),
+    ("text,label\na,x\nb,y\nc,z\n", ("--label-names", "x,y"), "add it to --label-names"),
+    ("text,label\na,x\nb,y\nc,x\n", ("--val-frac", "0.6", "--test-frac", "0.5"), "--val-frac 0.1 --test-frac 0.2"),
+    ("text,label\na,0\nb,5\n", ("--label-names", "x,y"), "give a name for every index (--label-names"),
+    ("text,label\na,x\nb,y\n", ("--val-frac", "0.4", "--test-frac", "0.4"), "change --val-frac/--test-frac"),
+], ids=["columns", "one-label", "unknown-label", "fractions", "index", "empty-split"])
+def test_hints_name_real_flags_that_work(capsys, tmp_path, content, extra, problem):
+    import re
+
+    from test_cli import error_of
+
+    (tmp_path / "d.csv").write_text(content)
+    msg = error_of(capsys, "zero-shot", "--backbone", "tiny-bert", "--task-file", f"x={tmp_path / 'd.csv'}", *extra)
+    assert problem in msg, msg
+    named = set(re.findall(r"--[a-z][a-z-]+", msg))
+    assert named and named <= parser_flags("zero-shot") and named <= parser_flags("train"), named
+    assert "text_column=/" not in msg and not re.search(r"(?<![-\w])(val_frac|label_names)(?![=\w])", msg), msg
+
+
+def test_column_and_label_flags_read_the_file(capsys, tmp_path):
+    from test_cli import run_json
+
+    (tmp_path / "d.csv").write_text("sentence,y\n" + "".join(f"s{i},{i % 2}\n" for i in range(30)))
+    got = run_json(capsys, "zero-shot", "--backbone", "tiny-bert", "--task-file", f"x={tmp_path / 'd.csv'}",
+                   "--text-column", "sentence", "--label-column", "y", "--label-names", "neg,pos",
+                   "--val-frac", "0.2", "--test-frac", "0.5", "--split", "test")
+    assert got["results"][0]["n"] == 15
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_unicode_files_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    import codecs
+
+    from mtpeft.tasks import load_task_file
+
+    text = "text,label\n" + "".join(f"caf\u00e9 \u2603 {i},{'ab'[i % 2]}\n" for i in range(10))
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = codecs.BOM_UTF16_BE + data
+    (tmp_path / "d.csv").write_bytes(data)
+    t = load_task_file("x", tmp_path / "d.csv")
+    assert t.label_names == ["a", "b"] and "caf\u00e9 \u2603 3" in all_labels(t)
+
+
+def test_non_utf8_files_are_told_the_right_fix(tmp_path):
+    from mtpeft.errors import MtpeftError
+    from mtpeft.tasks import load_task_file
+
+    (tmp_path / "d.csv").write_bytes("text,label\na,x\nb,y\nc,x\n".encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(MtpeftError, match=r"looks like UTF-16 without a byte-order mark.*iconv -f utf-16le"):
+        load_task_file("x", tmp_path / "d.csv")
+    (tmp_path / "e.csv").write_bytes("text,label\ncaf\u00e9,x\nb,y\nc,x\n".encode("cp1252"))
+    with pytest.raises(MtpeftError, match=r"not valid UTF-8 .*line 2.*iconv -f cp1252") as e:
+        load_task_file("x", tmp_path / "e.csv")
+    assert "latin1" not in str(e.value)
+
+
+def test_long_csv_fields_are_read_and_a_long_prompt_is_truncated(capsys, tmp_path):
+    """A 100,000-word text (past the csv module's 131072-character field limit) loads, and is truncated to the
+    scorer's max length when scored: zero-shot and training run."""
+    from test_cli import run_json
+
+    from mtpeft.tasks import load_task_file
+
+    long = "red apple " * 100_000
+    (tmp_path / "d.csv").write_text("text,label\n" + f'"{long}",red\n' + "".join(
+        f"s{i},{'red' if i % 2 else 'blue'}\n" for i in range(30)))
+    t = load_task_file("x", tmp_path / "d.csv")
+    assert long in all_labels(t)
+    spec = f"x={tmp_path / 'd.csv'}"
+    got = run_json(capsys, "zero-shot", "--backbone", "tiny-bert", "--task-file", spec, "--split", "train")
+    assert got["results"][0]["n"] == len(t.splits["train"])
+    run_json(capsys, "train", "--backbone", "tiny-bert", "--module", "prompt", "--task-file", spec,
+             "--out", tmp_path / "b", "--max-steps", 2)
+
+
+def test_too_many_virtual_tokens_are_refused_before_training(capsys, tmp_path, files):  # noqa: F811
+    from test_cli import run
+
+    rc, _, err = run(capsys, "train", "--backbone", "tiny-bert", "--module", "prompt", "--option",
+                       "n_tokens=100000", "--task-file", f"toy={files['csv']}", "--out", tmp_path / "b")
+    assert rc == 2 and "epoch" not in err, err
+    assert "n_tokens=100000 of prompt" in err and "exceed the 512 positions" in err
+    assert "give --option n_tokens=384 or fewer" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_backbone_mismatch_says_what_differs():
+    from mtpeft.backbone import Backbone, load_backbone
+
+    a, c = load_backbone("tiny-bert"), load_backbone("tiny-bert", seed=3)
+    msg = Backbone.describe_mismatch(a.fingerprint(), c.fingerprint())
+    assert "but got 'tiny-bert'" not in msg
+    assert "is not the one of that name the bank was built on: the weights differ" in msg
+    assert f"weights hash {a.fingerprint()['weights_hash'][:12]} expected, {c.fingerprint()['weights_hash'][:12]} now" in msg

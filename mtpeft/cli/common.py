@@ -103,6 +103,18 @@ def _task_args(p, multiple=True):
                    help="a built-in task name (see `mtpeft tasks`)" + (" (repeatable)" if multiple else ""))
     p.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH",
                    help="a user task from a CSV, JSONL or parquet file with columns text and label (repeatable)")
+    g = p.add_argument_group("task files", "how every --task-file is read")
+    g.add_argument("--text-column", default="text", metavar="NAME", help="the column of the inputs (default text)")
+    g.add_argument("--label-column", default="label", metavar="NAME", help="the column of the labels (default label)")
+    g.add_argument("--label-names", default=None, metavar="A,B,...",
+                   help="the label names in index order (comma-separated, or a JSON list); integer labels index "
+                   "them (default: the distinct labels, sorted)")
+    g.add_argument("--val-frac", type=float, default=0.1, metavar="F",
+                   help="share of a single file held out for validation (default 0.1)")
+    g.add_argument("--test-frac", type=float, default=0.2, metavar="F",
+                   help="share of a single file held out for test (default 0.2)")
+    g.add_argument("--max-labels", type=int, default=1000, metavar="N",
+                   help="the most distinct labels a task file may have (default 1000)")
 
 
 def _common(p, backbone=True, from_config=False):
@@ -121,7 +133,7 @@ def _load_tasks(args) -> list:
     specs = list(args.task or []) + list(args.task_file or [])
     if not specs:
         raise MtpeftError("name at least one task with --task NAME or --task-file NAME=PATH (see `mtpeft tasks`)")
-    tasks = [load_task(s, max_examples=args.max_examples, seed=args.seed) for s in specs]
+    tasks = [load_task(s, max_examples=args.max_examples, seed=args.seed, **_file_options(args)) for s in specs]
     seen = set()
     for t in tasks:
         if t.name in seen:
@@ -129,6 +141,24 @@ def _load_tasks(args) -> list:
                               "(--task-file NAME=PATH)")
         seen.add(t.name)
     return tasks
+
+
+def _file_options(args) -> dict:
+    """How --task-file files are read (mtpeft.tasks.load_task_file's arguments), from the flags."""
+    names = args.label_names
+    if names is not None:
+        try:
+            names = json.loads(names) if names.lstrip().startswith("[") else [n.strip() for n in names.split(",")]
+        except json.JSONDecodeError as e:
+            raise MtpeftError(f"--label-names {args.label_names!r} is not a JSON list ({e}); give A,B,C or "
+                              '\'["A", "B"]\'') from e
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names) or "" in names:
+            raise MtpeftError(f"--label-names {args.label_names!r} must name every label, e.g. --label-names neg,pos")
+    for flag, v in (("--val-frac", args.val_frac), ("--test-frac", args.test_frac)):
+        if not (math.isfinite(v) and 0 <= v < 1):
+            raise MtpeftError(f"{flag} {v} is out of range; give a fraction in [0, 1), e.g. {flag} 0.1")
+    return {"label_names": names, "text_column": args.text_column, "label_column": args.label_column,
+            "val_frac": args.val_frac, "test_frac": args.test_frac, "max_labels": args.max_labels}
 
 
 def _module_for_task(bank, task: str) -> str:

@@ -98,7 +98,7 @@ def _check_train_args(args) -> None:
 
 
 def cmd_train(args):
-    from ..api import load_bank_or_new, parse_options
+    from ..api import check_input_room, load_bank_or_new, parse_options
     from ..train import TrainConfig, evaluate, fit_expert, fit_multitask
 
     _apply_train_config(args)
@@ -109,6 +109,7 @@ def cmd_train(args):
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
     config = parse_options(args.module, args.option)
     bank, scorer = load_bank_or_new(args.backbone, args.out)
+    check_input_room(bank, scorer, args.module, config)  # not after training has started
     if args.multitask:
         names = [args.name or "multitask-" + args.module]
     else:
