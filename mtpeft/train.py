@@ -198,7 +198,9 @@ def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", bat
     preds = []
     bank.eval()
     starts = range(0, len(texts), batch_size)
-    for s in tqdm(starts, desc=f"{task.name}/{split}", disable=not progress, leave=False):
+    from .display import printable
+
+    for s in tqdm(starts, desc=printable(f"{task.name}/{split}"), disable=not progress, leave=False):
         chunk = texts[s: s + batch_size]
         routing = routing_for_batch(len(chunk)) if routing_for_batch is not None else None
         if routing is None:
