@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -93,6 +94,9 @@ def parse_options(module_type: str, options: list[str]):
             kw[k] = json.loads(v)
         except json.JSONDecodeError:
             kw[k] = v
+        if not _finite(kw[k]):  # JSON's NaN / Infinity: a module of NaN weights, trained and saved silently
+            raise MtpeftError(f"option {opt!r} of {module_type}: {v} is not a finite number; give a finite value, "
+                              f"e.g. --option {k}=0.5")
         hint = _option_types(cls).get(k)
         if hint is not None:  # unknown keys are reported by from_dict, with the known ones
             kw[k] = _coerce_option(module_type, k, v, kw[k], hint)
@@ -100,6 +104,17 @@ def parse_options(module_type: str, options: list[str]):
         return cls.from_dict(kw)
     except (TypeError, ValueError) as e:
         raise MtpeftError(f"bad option for {module_type}: {e}") from e
+
+
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere in a parsed JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(x) for x in value)
+    if isinstance(value, dict):
+        return all(_finite(x) for x in value.values())
+    return True
 
 
 _TYPE_NAMES = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -130,3 +145,19 @@ def _coerce_option(module_type: str, key: str, raw: str, value, hint):
     example = next((e for t, e in ((int, "8"), (float, "0.5"), (bool, "true")) if t in arms), """'["query","value"]'""")
     raise MtpeftError(f"option {key}={raw!r} of {module_type}: {key} takes {want}, not {raw!r}; "
                       f"e.g. --option {key}={example}")
+
+
+def check_input_room(bank, scorer, module_type: str, config) -> None:
+    """Refuse, before training, virtual tokens (prompt, p-tuning, prefix ``n_tokens``) that leave no room
+    for the inputs in an encoder with absolute positions: ``n_tokens`` plus the longest input the scorer
+    keeps (``scorer.max_length``, inputs are truncated to it) must fit the backbone's positions."""
+    n = getattr(config, "n_tokens", None)
+    max_pos = getattr(bank.model.config, "max_position_embeddings", None)
+    longest = getattr(scorer, "max_length", None)
+    if bank.family != "encoder" or not isinstance(n, int) or not max_pos or not longest:
+        return
+    if n + longest > max_pos:
+        raise MtpeftError(f"option n_tokens={n} of {module_type}: {n} virtual tokens plus inputs of up to {longest} "
+                          f"tokens (longer inputs are truncated) exceed the {max_pos} positions of the backbone "
+                          f"{getattr(bank.backbone, 'name', '')!r}; give --option n_tokens={max_pos - longest} "
+                          "or fewer")

@@ -136,9 +136,14 @@ class Backbone:
                  if expected.get(key) != actual.get(key)]
         if not diffs:
             return f"expected backbone {who(expected)} and got {who(actual)}: the fingerprints match"
-        return (f"expected backbone {who(expected)} but got {who(actual)}: the {' and the '.join(diffs)} "
-                f"differ (config {str(expected.get('config_hash'))[:12]} vs {str(actual.get('config_hash'))[:12]}, "
-                f"weights {str(expected.get('weights_hash'))[:12]} vs {str(actual.get('weights_hash'))[:12]})")
+        hashes = ", ".join(f"{short} hash {str(expected.get(key))[:12]} expected, {str(actual.get(key))[:12]} now"
+                           for key, short, what in (("config_hash", "config", "configurations"),
+                                                    ("weights_hash", "weights", "weights")) if what in diffs)
+        if expected.get("name") == actual.get("name"):  # same name, other files: say that, not "X but got X"
+            return (f"the backbone {who(actual)} loaded now is not the one of that name the bank was built on: "
+                    f"the {' and the '.join(diffs)} differ ({hashes}), so its files changed since the bank was "
+                    "saved (another version, download or seed of it)")
+        return f"expected backbone {who(expected)} but got {who(actual)}: the {' and the '.join(diffs)} differ ({hashes})"
 
 
 def config_hash(config) -> str:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .checks import check_weights
-from .io import MtpeftError, read_json, read_tensors, write_json, write_tensors
+from .io import MtpeftError, make_temp_dir, read_json, read_tensors, write_json, write_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -236,7 +236,7 @@ def _check_target_dir(out: Path) -> None:
 def _write_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Write into a temporary sibling, then swap it in (the old adapter, if any, is removed last)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.tmp-")  # the umask's mode, not mkdtemp's 0700
     old = None
     try:
         write_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})

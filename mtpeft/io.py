@@ -31,6 +31,33 @@ def cache_dir() -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Fail fast, before any work, when ``path`` cannot be (or become) a directory this process writes in:
+    it, or its nearest existing ancestor, must be a directory where a file can be created. ``what`` names
+    it in the error (e.g. ``--out``)."""
+    path = Path(path)
+    probe = path
+    while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
+        probe = probe.parent
+    if probe.is_symlink() and not probe.exists():
+        raise MtpeftError(f"{what} {path}: {probe} is a broken symbolic link; remove it or choose another {what}")
+    if not probe.is_dir():
+        if probe == path:
+            raise MtpeftError(f"{what} {path} exists and is not a directory; choose a new {what} (a directory)")
+        raise MtpeftError(f"{what} {path} lies under {probe}, which is a file, not a directory; choose a new {what} "
+                          "outside it")
+    where = "" if probe == path else f" (its nearest existing folder {probe})"
+    fix = f"choose a {what} you can write to, or change the folder's permissions"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MtpeftError(f"{what} {path}{where} is not writable by this user; {fix}")
+    try:  # access() does not see read-only mounts, pseudo file systems (/proc) or a full quota
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".mtpeft-write-check-")
+    except OSError as e:
+        raise MtpeftError(f"{what} {path}{where}: a file cannot be created there ({e.strerror}); {fix}") from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or an unlink in directory ``path`` durable, where the platform allows it."""
     if os.name == "nt":  # Windows cannot open a directory for fsync
@@ -55,15 +82,43 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux: /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but no file is created meanwhile)
+    os.umask(old)
+    return old
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new temporary directory in ``parent`` with the mode a plain ``mkdir`` would give it (``mkdtemp``
+    makes 0700 whatever the umask), for folders that are renamed into place."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def _atomic(path: Path, write) -> None:
     """``write(tmp)`` a temporary file beside ``path``, flush it to disk, rename it over ``path`` and flush
-    the directory: after a crash ``path`` holds the old content or the new one, never a part."""
+    the directory: after a crash ``path`` holds the old content or the new one, never a part. The file gets
+    the mode of the one it replaces, or of a new file under the umask (``mkstemp`` alone gives 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # after: a writer may re-create the file (safetensors does, 0600 again)
         _fsync_file(tmp)
         crash_point(f"before-rename {path.parent.name}/{path.name}")  # fault injection for tests (inert)
         os.replace(tmp, path)
@@ -102,11 +157,14 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 def read_config(path: str | Path, what: str = "config") -> Any:
     """A JSON file, or YAML for ``.yaml`` / ``.yml`` (safe loading only: plain data, no objects)."""
+    # beyond the parsers' own errors: values they cannot build (a date 2001-13-45, `!!float fast`) raise
+    # ValueError, and nesting thousands deep raises RecursionError
     if Path(path).suffix.lower() not in (".yaml", ".yml"):
-        return read_json(path, what)
+        return _read_data(path, what, "JSON", json.load, (ValueError, RecursionError), "restore it or re-create it")
     import yaml
 
-    return _read_data(path, what, "YAML", yaml.safe_load, (yaml.YAMLError,), "fix the line named above")
+    return _read_data(path, what, "YAML", yaml.safe_load, (yaml.YAMLError, ValueError, TypeError, RecursionError),
+                      "fix the line named above")
 
 
 def _read_data(path, what: str, fmt: str, parse, errors: tuple, fix: str) -> Any:

@@ -15,7 +15,6 @@ import html
 import os
 import re
 import shutil
-import tempfile
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
-from .io import MtpeftError, cache_dir, package_dir, read_json, write_json
+from .io import MtpeftError, cache_dir, make_temp_dir, package_dir, read_json, write_json
 from .tasks import SPLITS, Task, load_task_file, make_dataset
 
 CACHE_VERSION = 1
@@ -466,7 +465,7 @@ def _write_cache(spec: BuiltinSpec, seed: int, path: Path, splits: DatasetDict, 
     from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")
     try:
         quiet = are_progress_bars_disabled()
         disable_progress_bars()

@@ -5,6 +5,7 @@ parquet file(s) via :func:`load_task_file`. A :class:`TaskStream` is an ordered 
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -115,7 +116,7 @@ class Task:
         labels = _labels_array(self._split(split))
         if labels.size == 0:
             return 0.0
-        return float(np.mean(labels == self.majority_label()))
+        return int(np.count_nonzero(labels == self.majority_label())) / int(labels.size)
 
     def _split(self, split: str) -> Dataset:
         if split not in self.splits:
@@ -249,15 +250,32 @@ class TaskStream:
 
 
 # ---- reading user files -------------------------------------------------------------------------
-def _decode_utf8(path: Path) -> str:
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE's BOM starts like UTF-16 LE's
+
+
+def _decode_text(path: Path) -> str:
+    """The file's text: UTF-8, or UTF-16/UTF-32 when a byte-order mark says so (as Excel and Windows
+    editors save "Unicode text"); anything else gets an error naming the fix."""
     data = path.read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    head = data[:4000]
+    if encoding == "utf-8" and head.count(0) > len(head) // 4:  # NULs between characters: UTF-16, no BOM
+        order = "le" if data[1:2] == b"\0" else "be"
+        raise MtpeftError(f"{path} looks like UTF-16 without a byte-order mark (NUL bytes between the characters); "
+                          f"re-encode the file as UTF-8, e.g. `iconv -f utf-16{order} -t utf-8 {path.name} > "
+                          f"fixed{path.suffix}`")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode(encoding)
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
+        if encoding != "utf-8":
+            raise MtpeftError(f"{path} starts with a {encoding.upper()} byte-order mark but is not valid "
+                              f"{encoding.upper()} (byte {e.start}, line {line}); save it again as UTF-8") from e
         raise MtpeftError(
-            f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line} cannot be decoded); "
-            f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`"
+            f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line} cannot be decoded); re-encode "
+            f"the file as UTF-8 from the encoding it was saved in (`file -i {path.name}` may tell it; Windows "
+            f"files are often cp1252): `iconv -f cp1252 -t utf-8 {path.name} > fixed{path.suffix}`"
         ) from e
 
 
@@ -268,13 +286,8 @@ def _read_columns(path: Path, text_column: str, label_column: str) -> tuple[list
         raise MtpeftError(f"unsupported task file type {path.suffix or '(no extension)'!r}: {path}; "
                           "use .csv, .tsv, .jsonl/.json (JSON lines) or .parquet")
     if kind in ("csv", "tsv"):
-        text = _decode_utf8(path)
-        try:
-            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
-            columns = list(reader.fieldnames or [])
-            rows = list(reader) if columns else []
-        except csv.Error as e:
-            raise MtpeftError(f"{path} is not a valid {kind.upper()} file ({e}); fix its quoting") from e
+        text = _decode_text(path)
+        columns, rows = _read_csv(path, text, kind)
         if not columns:
             raise MtpeftError(f"{path} is empty: it needs a header line with the columns {text_column} and "
                               f"{label_column}, then one example per line")
@@ -282,13 +295,13 @@ def _read_columns(path: Path, text_column: str, label_column: str) -> tuple[list
         texts = [r.get(text_column) for r in rows]
         labels = [r.get(label_column) for r in rows]
     elif kind == "jsonl":
-        text = _decode_utf8(path)
+        text = _decode_text(path)
         records = []
         stripped = text.lstrip()
         if stripped.startswith("["):  # a .json file holding one array of objects
             try:
                 records = json.loads(text)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise MtpeftError(f"{path} is not valid JSON ({e}); write one JSON object per line") from e
         else:
             for i, line in enumerate(text.splitlines(), 1):
@@ -296,8 +309,8 @@ def _read_columns(path: Path, text_column: str, label_column: str) -> tuple[list
                     continue
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise MtpeftError(f"{path} line {i} is not valid JSON ({e.msg}); write one JSON object "
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise MtpeftError(f"{path} line {i} is not valid JSON ({getattr(e, 'msg', e)}); write one JSON object "
                                       "per line (JSON lines)") from e
         for i, r in enumerate(records, 1):
             if not isinstance(r, dict):
@@ -333,7 +346,38 @@ def _read_columns(path: Path, text_column: str, label_column: str) -> tuple[list
         if not isinstance(t, str):
             raise MtpeftError(f"{path}: row {i} has a {type(t).__name__} in {text_column!r} ({t!r}), not text; "
                               "store the inputs as strings")
+        _check_unicode(path, i, text_column, t)
+    for i, v in enumerate(labels, 1):
+        if isinstance(v, str):
+            _check_unicode(path, i, label_column, v)
     return texts, labels
+
+
+def _check_unicode(path: Path, row: int, column: str, value: str) -> None:
+    """JSON's escapes can write half a UTF-16 pair (``"\\ud800"``): no tokenizer or Arrow column takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MtpeftError(f"{path}: row {row} has a lone surrogate ({value[e.start]!r}) in {column!r}, half of an "
+                          "escaped UTF-16 pair; fix the escape (or drop the row)") from e
+
+
+def _read_csv(path: Path, text: str, kind: str) -> tuple[list, list]:
+    """Header and rows of a CSV/TSV text. A field may be as long as the file (the csv module's default
+    limit, 131072 characters, would refuse a long document: raised for this read, then restored)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        columns = list(reader.fieldnames or [])
+        rows = list(reader) if columns else []
+    except csv.Error as e:
+        raise MtpeftError(f"{path} is not a valid {kind.upper()} file: line {reader.line_num}: {e}; check the quotes "
+                          "on that line: a field that opens a quote must close it, and a quote inside a quoted "
+                          'field is written twice ("")') from e
+    finally:
+        csv.field_size_limit(limit)
+    return columns, rows
 
 
 def _need_columns(path: Path, columns: Sequence[str], text_column: str, label_column: str) -> None:
@@ -341,8 +385,8 @@ def _need_columns(path: Path, columns: Sequence[str], text_column: str, label_co
     if missing:
         raise MtpeftError(
             f"{path} lacks the column(s) {', '.join(repr(c) for c in missing)}; columns found: "
-            f"{', '.join(repr(c) for c in columns) or 'none'}. Rename them, or name yours with "
-            "text_column=/label_column="
+            f"{', '.join(repr(c) for c in columns) or 'none'}. Rename them to {text_column} and {label_column}, "
+            "or name yours: --text-column NAME --label-column NAME (text_column=, label_column= in Python)"
         )
 
 
@@ -369,13 +413,42 @@ def _label_kind(path: Path, labels: list) -> str:
     return "str" if "str" in kinds else "int"
 
 
-def _map_labels(files: dict[str, tuple[Path, list]], label_names: list[str] | None) -> tuple[list[str], dict]:
-    """Turn raw labels of every file into int indices; infer label names when not given."""
+DEFAULT_MAX_LABELS = 1000
+
+
+def _shown(names: Sequence[str], k: int = 10) -> str:
+    """A list of label names for a message, cut after ``k``."""
+    return str(list(names[:k]))[:-1] + (f", ... ({len(names)} in all)]" if len(names) > k else "]")
+
+
+def _as_int(v) -> int:
+    return int(v.strip()) if isinstance(v, str) else int(v)
+
+
+def _check_count(files: dict, n: int, max_labels: int, what: str) -> None:
+    if n > max_labels:
+        src = ", ".join(str(p) for p, _ in files.values())
+        raise MtpeftError(f"{src}: {n} {what}, more than the bound of {max_labels} labels per task; a label column "
+                          "with this many values is often an id or a text column (check --label-column). If these "
+                          f"are {n} classes, raise the bound: --max-labels {n} (max_labels={n} in Python)")
+
+
+def _map_labels(files: dict[str, tuple[Path, list]], label_names: list[str] | None,
+                max_labels: int = DEFAULT_MAX_LABELS) -> tuple[list[str], dict]:
+    """Turn raw labels of every file into int indices; infer label names when not given.
+
+    Integer labels without label names: the classes are their distinct values in numeric order, named by
+    the value (``{0, 1, 10000000}`` is three classes "0", "1", "10000000"; ``0..K-1`` keeps its indices).
+    With label names, integers are indices into them. At most ``max_labels`` labels, counted before any
+    per-label work."""
     kinds = {split: _label_kind(p, labels) for split, (p, labels) in files.items()}
     given = None if label_names is None else [str(n) for n in label_names]
-    if given is not None and len(set(given)) != len(given):
-        dup = sorted({n for n in given if given.count(n) > 1})
-        raise MtpeftError(f"label_names has duplicates {dup}; make the names unique")
+    if given is not None:
+        _check_count(files, len(given), max_labels, "label names given")
+        if len(set(given)) != len(given):
+            dup = sorted({n for n in given if given.count(n) > 1})
+            raise MtpeftError(f"the label names have duplicates {_shown(dup)}; make them unique "
+                              "(--label-names / label_names=)")
     # CSV integers written as text: names if they are all among the given names, else indices.
     use_names = {}
     for split, (p, labels) in files.items():
@@ -389,18 +462,22 @@ def _map_labels(files: dict[str, tuple[Path, list]], label_names: list[str] | No
         raise MtpeftError(f"the files {', '.join(str(p) for p, _ in files.values())} mix label names and "
                           "integer labels; use one kind in all of them")
     by_name = next(iter(use_names.values()))
+    values = None  # integer labels without names: value -> class index
     if given is None:
+        distinct = {str(v) for _, labels in files.values() for v in labels} if by_name else \
+            {_as_int(v) for _, labels in files.values() for v in labels}
+        _check_count(files, len(distinct), max_labels, "distinct labels")
         if by_name:
-            names = sorted({str(v) for _, labels in files.values() for v in labels})
+            names = sorted(distinct)
         else:
-            top = max(int(float(v)) for _, labels in files.values() for v in labels)
-            names = [str(i) for i in range(top + 1)]
+            values = {v: i for i, v in enumerate(sorted(distinct))}
+            names = [str(v) for v in values]
     else:
         names = given
     if len(names) < 2:
         src = ", ".join(str(p) for p, _ in files.values())
         raise MtpeftError(f"{src}: found {len(names)} label(s) {names}; a classification task needs at least two "
-                          "labels: check the label column (or pass label_names)")
+                          "labels: check the label column (or name the labels: --label-names A,B / label_names=[...])")
     out = {}
     index = {n: i for i, n in enumerate(names)}
     for split, (p, labels) in files.items():
@@ -410,14 +487,17 @@ def _map_labels(files: dict[str, tuple[Path, list]], label_names: list[str] | No
                 j = index.get(str(v))
                 if j is None:
                     raise MtpeftError(f"{p}: row {i} has the label {v!r}, which is not among the label names "
-                                      f"{names}; fix the label or add it to label_names")
+                                      f"{_shown(names)}; fix the label or add it to --label-names (label_names=)")
                 idx.append(j)
+        elif values is not None:
+            idx = [values[_as_int(v)] for v in labels]
         else:
-            idx = [int(float(v)) for v in labels]
+            idx = [_as_int(v) for v in labels]
             for i, j in enumerate(idx, 1):
                 if not 0 <= j < len(names):
                     raise MtpeftError(f"{p}: row {i} has the label index {j}, outside 0..{len(names) - 1} for the "
-                                      f"label names {names}; fix the label or pass label_names for every index")
+                                      f"label names {_shown(names)}; fix the label or give a name for every index "
+                                      "(--label-names / label_names=)")
         out[split] = idx
     return names, out
 
@@ -438,7 +518,8 @@ def _split_indices(n: int, seed: int, fracs: Sequence[float]) -> list[np.ndarray
 
 def _check_fracs(val_frac: float, test_frac: float) -> None:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise MtpeftError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to less than 1")
+        raise MtpeftError(f"the validation and test fractions {val_frac} and {test_frac} must be in [0, 1) and sum to "
+                          "less than 1; e.g. --val-frac 0.1 --test-frac 0.2 (val_frac=, test_frac= in Python)")
 
 
 def _find_split_files(directory: Path) -> dict[str, Path]:
@@ -463,17 +544,21 @@ def _find_split_files(directory: Path) -> dict[str, Path]:
 def load_task_file(name: str, path: str | Path, label_names: list[str] | None = None, seed: int = 0,
                    val_frac: float = 0.1, test_frac: float = 0.2, text_column: str = "text",
                    label_column: str = "label", template: str = "{text}", label_template: str = "{label}",
-                   prompt_suffix: str = "\nAnswer:") -> Task:
+                   prompt_suffix: str = "\nAnswer:", max_labels: int = DEFAULT_MAX_LABELS) -> Task:
     """Load a task from a CSV/TSV, JSONL (.jsonl/.json) or parquet file, or from a directory of split files.
 
     A single file is split train/validation/test by a seeded permutation (``val_frac``, ``test_frac``).
     A directory holds ``train.*`` and optionally ``validation.*`` (also ``valid``/``val``/``dev``) and
     ``test.*``; a missing validation or test split is carved from train. Labels are names (mapped to
-    ``label_names``, inferred as the sorted unique names when not given) or integer indices (into
-    ``label_names``, or named ``"0".."max"`` when not given).
+    ``label_names``, inferred as the sorted unique names when not given) or integers (indices into
+    ``label_names``; without names, each distinct value is a class named by it, in numeric order).
+    A task has at most ``max_labels`` labels (default 1000; raise it for tasks with more classes).
+    Text files are UTF-8, or UTF-16/32 with a byte-order mark.
     """
     path = Path(path)
     _check_fracs(val_frac, test_frac)
+    if isinstance(max_labels, bool) or not isinstance(max_labels, int) or max_labels < 2:
+        raise MtpeftError(f"max_labels must be an integer >= 2 (the most labels a task may have), got {max_labels!r}")
     if not path.exists():
         raise MtpeftError(f"task file for {name!r} not found: {path}; give the path of a CSV, JSONL or parquet "
                           "file (or a directory with train/validation/test files)")
@@ -482,7 +567,7 @@ def load_task_file(name: str, path: str | Path, label_names: list[str] | None = 
     else:
         paths = {"all": path}
     raw = {s: (p, *_read_columns(p, text_column, label_column)) for s, p in paths.items()}
-    names, labels = _map_labels({s: (p, lab) for s, (p, _, lab) in raw.items()}, label_names)
+    names, labels = _map_labels({s: (p, lab) for s, (p, _, lab) in raw.items()}, label_names, max_labels)
     texts = {s: t for s, (_, t, _) in raw.items()}
 
     parts: dict[str, tuple[list, list]] = {}
@@ -506,7 +591,7 @@ def load_task_file(name: str, path: str | Path, label_names: list[str] | None = 
         if not t:
             n = sum(len(v[0]) for v in parts.values())
             raise MtpeftError(f"{src}: the {split} split is empty ({n} examples in all); add examples "
-                              f"(at least 3 to split a single file) or lower/raise val_frac/test_frac")
+                              f"(at least 3 to split a single file) or change --val-frac/--test-frac (val_frac=/test_frac=)")
     splits = DatasetDict({s: make_dataset(*parts[s]) for s in SPLITS})
     task = Task(name=name, splits=splits, label_names=names, template=template, label_template=label_template,
                 prompt_suffix=prompt_suffix, meta={"source": src, "seed": seed})

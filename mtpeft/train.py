@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import MtpeftError
 from .routing import Routing
 
 
@@ -39,15 +40,19 @@ def fit_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str):
+def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence = ()):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
+
+    from .lightning.progress import FitProgressBar
 
     L.seed_everything(seed, workers=True, verbose=False)
     # checked after each validation, not at the end of each training epoch: a run capped by max_steps
     # before its first validation has no val/acc yet, and that must not stop (or crash) the fit
     cb = [EarlyStopping(monitor="val/acc", mode="max", patience=cfg.patience, check_on_train_epoch_end=False),
           *callbacks]
+    if cfg.progress:  # on stderr, named after the fit and its tasks, epochs from 1
+        cb.append(FitProgressBar(name, tasks, cfg.max_epochs))
     kw = {}
     if cfg.val_check_interval is not None:
         kw["val_check_interval"] = cfg.val_check_interval
@@ -95,6 +100,7 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
     Returns best_val_acc, best_epoch, steps, train_seconds, seed.
     """
     from .lightning import KeepBest, PhaseModule, TaskDataModule
+    from .lightning.phase import NonFiniteLoss
 
     cfg = cfg or TrainConfig()
     tasks = list(tasks)
@@ -114,13 +120,28 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
     t0 = time.perf_counter()
     try:
         with _quiet_lightning():
-            trainer = _trainer(cfg, [*callbacks, keep], seed, name)
+            trainer = _trainer(cfg, [*callbacks, keep], seed, name, tasks)
             trainer.fit(module, datamodule=dm)
+        _check_finite(module, name, trainer.global_step)
+    except NonFiniteLoss as e:
+        module.load_state_dict(before, strict=False)
+        raise MtpeftError(f"training of {name!r} stopped at step {e.step}: the loss is {e.loss}, not a finite "
+                          f"number; nothing of {name!r} is kept (the rest of the bank and the saved files are as "
+                          "they were). Lower the learning rate (--lr, e.g. 10 times lower) or check the inputs") from e
     except BaseException:
         module.load_state_dict(before, strict=False)  # what trains is as it was before the fit
         raise
-    return {"best_val_acc": keep.best, "best_epoch": keep.best_epoch, "steps": trainer.global_step,
+    return {"best_val_acc": None if keep.best is None else round(keep.best, 6), "best_epoch": keep.best_epoch, "steps": trainer.global_step,
             "train_seconds": round(time.perf_counter() - t0, 2), "seed": seed}
+
+
+def _check_finite(module, name: str, steps: int) -> None:
+    """A fit whose kept weights hold NaN or infinity (an overflowing update) counts as a non-finite loss."""
+    from .lightning.phase import NonFiniteLoss
+
+    for pname, p in module.trainable_parameters().items():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteLoss(steps, float("nan")) from MtpeftError(f"{pname} of {name!r} is not finite")
 
 
 def fit_expert(bank, scorer, task, name: str | None = None, module_type: str = "lora", config=None,
@@ -177,7 +198,9 @@ def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", bat
     preds = []
     bank.eval()
     starts = range(0, len(texts), batch_size)
-    for s in tqdm(starts, desc=f"{task.name}/{split}", disable=not progress, leave=False):
+    from .display import printable
+
+    for s in tqdm(starts, desc=printable(f"{task.name}/{split}"), disable=not progress, leave=False):
         chunk = texts[s: s + batch_size]
         routing = routing_for_batch(len(chunk)) if routing_for_batch is not None else None
         if routing is None:
@@ -192,14 +215,13 @@ def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", bat
 def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "test", batch_size: int = 64,
              progress: bool = False) -> dict:
     """Accuracy on ``split``: with task-id routing to ``module`` (a name or id), or the bare backbone (None)."""
-    from torchmetrics.functional.classification import multiclass_accuracy
-
     routing_for_batch = None
     if module is not None:
         mid = module if isinstance(module, int) else bank.index(module)
         routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)
     preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress)
-    acc = float(multiclass_accuracy(preds, labels, num_classes=task.num_labels, average="micro")) if len(labels) else 0.0
+    # from integer counts, as a Python float: 47/100 is 0.47, not float32's 0.4699999988079071
+    acc = int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
     return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
             "majority": task.majority_baseline(split)}
 

@@ -159,7 +159,8 @@ class InputLevelForward:
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         if self.family == "encoder" and max_pos and int(position_ids.max()) >= max_pos:
             raise MtpeftError(f"inputs of {T} tokens plus {int(position_ids.max()) + 1 - T} virtual/prefix positions "
-                              f"exceed the backbone's {max_pos} positions; truncate the inputs to fewer tokens")
+                              f"exceed the backbone's {max_pos} positions; use fewer virtual tokens (option n_tokens) "
+                              "or truncate the inputs to fewer tokens (the scorer's max_length)")
         st = self.state
         if n_virtual and r.per_token:
             st.routing, st.local = r.pad_tokens(n_virtual), {}

@@ -22,8 +22,26 @@ GROUPS = (evaluate, train, gate, bank)
 __all__ = ["TRAIN_CONFIG_KEYS", "TRAIN_DEFAULTS", "build_parser", "emit", "load_run_config", "main", "table"]
 
 
+class _Version(argparse.Action):
+    """``mtpeft --version``: the installed version, looked up only when asked."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("mtpeft")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from .. import __version__ as v
+        print(f"mtpeft {v}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpeft", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", required=True)
     for group in GROUPS:
         group.add_parser(sub)
@@ -35,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except MtpeftError as e:
-        print(f"mtpeft: error: {e}", file=sys.stderr)
+        from ..display import printable
+
+        print(f"mtpeft: error: {printable(e, keep=chr(10))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `mtpeft tasks --json | head`: the reader left; say nothing more
         with contextlib.suppress(OSError, ValueError):  # so the interpreter's final flush cannot fail again

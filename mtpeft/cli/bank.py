@@ -31,8 +31,10 @@ def cmd_bank_show(args):
     if args.json:
         print(json.dumps(entry, indent=2))
         return
+    from ..display import printable
+
     for k in ("name", "type", "task", "merged", "num_parameters", "num_tensors", "file"):
-        print(f"{k:15s} {entry.get(k)}")
+        print(f"{k:15s} {printable(entry.get(k))}")
     print(f"{'config':15s} {json.dumps(entry['config'])}")
     print(f"{'metrics':15s} {json.dumps(entry.get('metrics', {}))}")
     if entry.get("metadata"):

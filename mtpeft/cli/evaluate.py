@@ -24,7 +24,7 @@ def cmd_zero_shot(args):
     bank, scorer = load_bank_or_new(args.backbone)
     rows = []
     for t in tasks:
-        r = evaluate(bank, scorer, t, None, split=args.split, progress=not args.json)
+        r = evaluate(bank, scorer, t, None, split=args.split, progress=True)
         rows.append(r)
     emit(args, {"backbone": args.backbone, "results": rows}, rows, ["task", "split", "n", "accuracy", "majority"],
          title=f"zero-shot accuracy of the bare {args.backbone} backbone")
@@ -39,7 +39,7 @@ def cmd_eval(args):
     rows = []
     for t in tasks:
         module = args.module or _module_for_task(bank, t.name)
-        rows.append(dict(module=module, **evaluate(bank, scorer, t, module, split=args.split, progress=not args.json)))
+        rows.append(dict(module=module, **evaluate(bank, scorer, t, module, split=args.split, progress=True)))
     emit(args, {"bank": str(args.bank), "results": rows}, rows, ["task", "module", "split", "n", "accuracy", "majority"])
 
 

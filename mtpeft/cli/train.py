@@ -5,36 +5,63 @@ import json
 from pathlib import Path
 
 from ..errors import MtpeftError
-from .common import _common, _load_tasks, _task_args, emit
+from .common import Setting, _common, _load_tasks, _task_args, emit
 
 # A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
 TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
                   "max_examples": None, "seed": 0, "multitask": False, "sampling": "proportional", "lr": 1e-3,
                   "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None}
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
+SAMPLINGS = ("proportional", "temperature", "uniform")
+
+# The type and range of every scalar setting, for its flag and its run-file key alike:
+# (key, kind, optional, ok, what to give, an example value).
+SETTINGS = tuple(Setting(*row) for row in (
+    ("backbone", str, False, None, "a backbone name or a local HF directory", "minilm"),
+    ("module", str, False, None, "a module type", "lora"),
+    ("max_examples", int, True, lambda v: v >= 1, "a positive integer (or none: no cap)", "400"),
+    ("seed", int, False, None, "an integer", "0"),
+    ("multitask", bool, False, None, "true or false", "true"),
+    ("sampling", str, False, lambda v: v in SAMPLINGS, "one of " + ", ".join(SAMPLINGS), "temperature"),
+    ("lr", float, False, lambda v: v > 0, "a positive learning rate", "1e-3"),
+    ("batch_size", int, False, lambda v: v >= 1, "a positive integer", "16"),
+    ("max_epochs", int, False, lambda v: v >= 1 or v == -1, "a positive integer (or -1 with --max-steps)", "3"),
+    ("max_steps", int, False, lambda v: v == -1 or v >= 1, "a positive integer, or -1 for no cap", "100"),
+    ("patience", int, False, lambda v: v >= 0, "an integer >= 0", "2"),
+    ("run_dir", Path, True, None, "a directory path", "runs/first"),
+))
 
 
 def load_run_config(path: str | Path) -> dict:
-    """A run file (JSON, or YAML for .yaml/.yml) for `mtpeft train --config`, checked key by key."""
+    """A run file (JSON, or YAML for .yaml/.yml) for `mtpeft train --config`, checked key by key against
+    the same types and ranges as the flags (``SETTINGS``); returns the values as the flags would give them."""
     from ..io import read_config
 
     conf = read_config(path, what="run config")
     if not isinstance(conf, dict):
         raise MtpeftError(f"run config {path} must hold a mapping (a JSON object / YAML mapping) with keys among "
                           f"{', '.join(TRAIN_CONFIG_KEYS)}")
-    unknown = sorted(set(conf) - set(TRAIN_DEFAULTS))
+    unknown = sorted(set(conf) - set(TRAIN_DEFAULTS), key=str)
     if unknown:
         raise MtpeftError(f"run config {path} has unknown key(s) {unknown}; known: {', '.join(TRAIN_CONFIG_KEYS)}")
-    if not isinstance(conf.get("options", {}), dict):
-        raise MtpeftError(f"run config {path}: 'options' must be a mapping, e.g. {{\"r\": 8}}")
+    if not isinstance(conf.get("options", {}), dict) or not all(isinstance(k, str) for k in conf.get("options", {})):
+        raise MtpeftError(f"run config {path}: 'options' must be a mapping of option names to values, "
+                          'e.g. {"r": 8}')
     for key in ("tasks", "task_files"):
         v = conf.get(key, [])
         if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
             raise MtpeftError(f"run config {path}: {key!r} must be a list of strings")
-    if conf.get("run_dir") is not None and not isinstance(conf["run_dir"], str):
-        raise MtpeftError(f"run config {path}: 'run_dir' must be a directory path (a string), "
-                          f"got {conf['run_dir']!r}")
-    return conf
+    from ..api import _finite
+
+    for k, v in conf.get("options", {}).items():
+        if not _finite(v):
+            raise MtpeftError(f"run config {path}: options.{k} = {v!r} is not a finite number; give a finite "
+                              "value, e.g. 0.5")
+    out = dict(conf)
+    for s in SETTINGS:
+        if s.key in conf:
+            out[s.key] = s.check(conf[s.key], f"run config {path}: {s.key!r}", f"{s.key}: ")
+    return out
 
 
 def _apply_train_config(args) -> None:
@@ -53,20 +80,21 @@ def _apply_train_config(args) -> None:
 
 
 def _check_train_args(args) -> None:
-    checks = [("--lr", args.lr, args.lr > 0, "a positive learning rate, e.g. --lr 1e-3"),
-              ("--batch-size", args.batch_size, args.batch_size >= 1, "a positive integer, e.g. --batch-size 16"),
-              ("--max-epochs", args.max_epochs, args.max_epochs >= 1 or (args.max_epochs == -1 and args.max_steps >= 1),
-               "a positive integer (or -1 with --max-steps), e.g. --max-epochs 3"),
-              ("--max-steps", args.max_steps, args.max_steps == -1 or args.max_steps >= 1,
-               "a positive integer, or -1 for no cap"),
-              ("--patience", args.patience, args.patience >= 0, "an integer >= 0, e.g. --patience 2")]
-    for flag, value, ok, want in checks:
-        if not ok:
-            raise MtpeftError(f"{flag} {value} is out of range; give {want}")
+    """Every setting against ``SETTINGS`` (the flags' and the run file's values alike), then the pairs."""
+    for s in SETTINGS:
+        setattr(args, s.key, s.check(getattr(args, s.key), s.flag, s.flag + " "))
+    if args.max_epochs == -1 and args.max_steps == -1:
+        raise MtpeftError("--max-epochs -1 trains without end unless --max-steps caps it; give a positive "
+                          "--max-epochs (e.g. 3) or a --max-steps cap")
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise MtpeftError(f"--run-dir {run_dir} is a file, not a directory; give a directory for the fits' logs")
+    from ..io import check_writable_dir
+
+    check_writable_dir(args.out, "--out")  # before the backbone loads and training runs, not at the final save
+    if args.run_dir is not None:
+        check_writable_dir(args.run_dir, "--run-dir")
 
 
 def cmd_train(args):
@@ -89,11 +117,12 @@ def cmd_train(args):
 
 
 def _train_into(args, tasks, config):
-    from ..api import load_bank_or_new
+    from ..api import check_input_room, load_bank_or_new
     from ..runstate import Run, run_config
     from ..train import TrainConfig
 
     bank, scorer = load_bank_or_new(args.backbone, args.out)
+    check_input_room(bank, scorer, args.module, config)  # not after training has started
     if args.multitask:
         names = [args.name or "multitask-" + args.module]
     else:
@@ -105,7 +134,7 @@ def _train_into(args, tasks, config):
                                   "name, or choose another --out")
         run.begin(bank)  # a new run writes its state; a resumed one drops its unfinished module
         cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                          max_steps=args.max_steps, patience=args.patience, seed=args.seed, progress=not args.json,
+                          max_steps=args.max_steps, patience=args.patience, seed=args.seed, progress=True,
                           run_dir=None if args.run_dir is None else str(args.run_dir))
         rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run)
         obj = {"bank": str(args.out), "results": rows}
@@ -133,7 +162,7 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
         for t in tasks:
             rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
         per_task = {r["task"]: r["accuracy"] for r in rows}
-        bank.record(name).metrics.update({"test_acc": sum(per_task.values()) / len(per_task),
+        bank.record(name).metrics.update({"test_acc": round(sum(per_task.values()) / len(per_task), 6),
                                           "test_acc_per_task": per_task})
         phase("save", name)
         bank.save(args.out)
@@ -171,7 +200,7 @@ def add_parser(sub) -> None:
     _task_args(s)
     _common(s, from_config=True)
     s.add_argument("--config", type=Path, default=None,
-                   help="a JSON run file (see configs/): any of " + ", ".join(TRAIN_CONFIG_KEYS)
+                   help="a run file, YAML (.yaml/.yml) or JSON (see configs/): any of " + ", ".join(TRAIN_CONFIG_KEYS)
                    + "; flags given on the command line win")
     s.add_argument("--module", default=None, help="module type (lora, ia3, prompt, ptuning, prefix, houlsby, ...)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -179,7 +208,7 @@ def add_parser(sub) -> None:
     s.add_argument("--out", required=True, type=Path, help="bank directory (created, or added to)")
     s.add_argument("--name", default=None, help="module name (default TASK-TYPE)")
     s.add_argument("--multitask", action="store_true", default=None, help="one shared module over the task mixture")
-    s.add_argument("--sampling", default=None, choices=["proportional", "temperature", "uniform"])
+    s.add_argument("--sampling", default=None, choices=SAMPLINGS)
     s.add_argument("--lr", type=float, default=None, help="default 1e-3")
     s.add_argument("--batch-size", type=int, default=None, help="default 16")
     s.add_argument("--max-epochs", type=int, default=None, help="default 3")

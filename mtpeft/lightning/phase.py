@@ -131,7 +131,10 @@ class PhaseModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._common_step(batch, "train")
+        loss = self._common_step(batch, "train")
+        if not torch.isfinite(loss):  # before backward: a NaN step would make every weight NaN
+            raise NonFiniteLoss(self.global_step + 1, float(loss.detach()))
+        return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         return self._common_step(batch, "val")
@@ -183,6 +186,15 @@ class PhaseModule(L.LightningModule):
     def snapshot(self) -> dict[str, Tensor]:
         """A detached copy of every trainable parameter (``load_state_dict`` puts it back)."""
         return {n: p.detach().clone() for n, p in self.trainable_parameters().items()}
+
+
+class NonFiniteLoss(MtpeftError):
+    """A training step's loss is NaN or infinite (``step`` counts from 1); the fit stops there."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the training loss is {loss} at step {step}, not a finite number; lower the learning "
+                         "rate (e.g. 10 times) or check the inputs")
+        self.step, self.loss = step, loss
 
 
 class KeepBest(L.Callback):

@@ -71,17 +71,19 @@ class EncoderScorer:
             mask = labels.candidate_mask(candidates, len(texts)).to(x.device)
             sims = x @ self.label_embeddings(bank, labels).t()
             return (sims / self.temperature).masked_fill(~mask, float("-inf"))
-        table, mask, which = self._label_table(bank, tasks)
-        sims = torch.einsum("bh,blh->bl", x, table[which])
-        return (sims / self.temperature).masked_fill(~mask[which], float("-inf"))
+        return self._task_logits(bank, x, tasks)
 
-    def _label_table(self, bank, tasks):
+    def _task_logits(self, bank, x: Tensor, tasks: list) -> Tensor:
+        """``[B, L_max]``: each example against its own task's labels, one product per distinct task of the
+        batch (``[b_t, H] x [H, L_t]``), never a ``[B, L, H]`` copy of the label embeddings (14 GB for
+        10^5 labels and a batch of 64)."""
         uniq, which = distinct(tasks)
         embs = [self.label_embeddings(bank, t) for t in uniq]
-        L = max(e.shape[0] for e in embs)
-        table = torch.zeros(len(uniq), L, embs[0].shape[1], device=embs[0].device, dtype=embs[0].dtype)
-        mask = torch.zeros(len(uniq), L, dtype=torch.bool, device=embs[0].device)
-        for i, e in enumerate(embs):  # one row per distinct task in the batch
-            table[i, : e.shape[0]] = e
-            mask[i, : e.shape[0]] = True
-        return table, mask, which.to(table.device)
+        if len(uniq) == 1:
+            return (x @ embs[0].t()) / self.temperature
+        sims = x.new_full((x.shape[0], max(e.shape[0] for e in embs)), float("-inf"))
+        which = which.to(x.device)
+        for u, e in enumerate(embs):
+            rows = (which == u).nonzero().flatten()
+            sims[rows, : e.shape[0]] = (x[rows] @ e.t()) / self.temperature
+        return sims
