@@ -75,7 +75,7 @@ class DirLock:
             if lock_file.is_symlink():
                 raise MtpeftError(f"{lock_file} is a symbolic link; remove it (it must be a plain file)")
             try:
-                fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             except OSError as e:
                 raise MtpeftError(f"cannot lock {self.what} {self.path}: {lock_file} cannot be created or opened "
                                   f"({e.strerror or e}); give a directory you can write to") from None

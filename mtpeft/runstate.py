@@ -12,7 +12,9 @@ saved one (a clear error names each difference), checks that every finished modu
 the recorded checksum, skips those, retrains the others from scratch (each fit's seed depends on the run's
 seed and the module's name only: ``mtpeft.train.fit_seed``), and ends with the report an uninterrupted run
 would have printed. A module of the run that reached the bank but not the run state (a kill between the
-two writes) is trained again. Resuming a finished run prints its report again.
+two writes) is trained again. Resuming a finished run prints its report again. A run stopped by a clear
+error (``MtpeftError``: a NaN loss, say) rather than a kill is not left waiting for ``--resume``: its
+state is removed if it finished nothing, else kept with ``status: failed`` and the error.
 """
 from __future__ import annotations
 
@@ -111,8 +113,8 @@ def read_state(path: str | Path) -> dict:
         raise _bad(path, f"no 'format': {FORMAT!r}")
     if s.get("schema_version") != SCHEMA_VERSION:
         raise _bad(path, f"schema version {s.get('schema_version')!r}, this mtpeft reads {SCHEMA_VERSION}")
-    if s.get("status") not in ("running", "finished"):
-        raise _bad(path, f"status {s.get('status')!r} is neither 'running' nor 'finished'")
+    if s.get("status") not in ("running", "finished", "failed"):
+        raise _bad(path, f"status {s.get('status')!r} is not 'running', 'finished' or 'failed'")
     for key, typ in (("run_id", str), ("started", str), ("config", dict), ("environment", dict), ("units", list)):
         if not isinstance(s.get(key), typ):
             raise _bad(path, f"{key!r} missing or not a {typ.__name__}")
@@ -172,8 +174,23 @@ class Run:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None and issubclass(exc_type, MtpeftError) and self.path is not None \
+                    and self.state.get("status") == "running":
+                self._fail(str(exc))
+        finally:
+            self._lock.release()
+
+    def _fail(self, message: str) -> None:
+        """A run stopped by a clear error (a NaN loss, say), not by a kill: it does not wait for --resume. With
+        nothing finished its state goes (the bank is as before); else it is kept, marked failed, for the record."""
+        if not self.state.get("units"):
+            self.path.unlink(missing_ok=True)
+            return
+        self.state["status"] = "failed"
+        self.state["error"] = message[:2000]
+        self._write()
 
     def _open(self) -> None:
         for tmp in self.runs.glob(".*.json.*.tmp"):  # left by a kill during a write (we hold the lock)

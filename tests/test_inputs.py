@@ -12,8 +12,9 @@ from mtpeft.cli import load_run_config
 
 
 def listing(d):
-    """Every file under ``d`` with its bytes."""
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file under ``d`` with its bytes (lock files aside: they record their last holder)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != ".mtpeft.lock"}
 
 
 # ---- item 1: run files are typed like the flags --------------------------------------------------
@@ -213,20 +214,15 @@ def test_accuracy_is_the_exact_ratio_of_counts():
 
 
 def test_control_characters_in_names_are_escaped(capsys, tmp_path, files):  # noqa: F811
-    from test_cli import run
 
     from mtpeft.cli.common import table
 
     shown = table([{"name": "a\x1b[2Jb\n", "tasks": ["t\x07"], "acc": 0.5}], ["name", "tasks", "acc"])
     assert "\x1b" not in shown and "\x07" not in shown and "a\\x1b[2Jb\\n" in shown and "t\\x07" in shown
-    evil = "m\x1b[31mred\x1b[0m"
-    rc, out, err = run(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}",
-                       "--out", tmp_path / "b", "--max-steps", 1, "--name", evil)
-    assert rc == 0, err
-    assert "\x1b" not in out and "\x1b[31m" not in err and "m\\x1b[31mred\\x1b[0m" in out  # tqdm moves its own cursor
-    for argv in (("bank", "ls", tmp_path / "b"), ("bank", "show", tmp_path / "b", evil)):
-        rc, out, err = run(capsys, *argv)
-        assert rc == 0 and "\x1b" not in out and "m\\x1b[31mred" in out, (out, err)
+    evil = "m\x1b[31mred\x1b[0m"  # a bank refuses such a name; the refusal shows it escaped
+    msg = error_of(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}",
+                   "--out", tmp_path / "b", "--max-steps", 1, "--name", evil)
+    assert "control character" in msg and "\x1b" not in msg and "m\\x1b[31mred" in msg, msg
     msg = error_of(capsys, "bank", "show", tmp_path / "b", "no\x1bsuch")
     assert "\x1b" not in msg
 
@@ -455,3 +451,15 @@ def test_backbone_mismatch_says_what_differs():
     assert "but got 'tiny-bert'" not in msg
     assert "is not the one of that name the bank was built on: the weights differ" in msg
     assert f"weights hash {a.fingerprint()['weights_hash'][:12]} expected, {c.fingerprint()['weights_hash'][:12]} now" in msg
+
+
+def test_a_failed_run_does_not_block_the_next_one(capsys, tmp_path, files):  # noqa: F811
+    """A NaN loss ends the run with a clear error; the next run (a lower lr) needs no --resume."""
+    bank = tmp_path / "b"
+    run_json(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy={files['csv']}", "--out", bank,
+             "--max-steps", 2)
+    error_of(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy2={files['jsonl']}",
+             "--out", bank, "--max-steps", 6, "--lr", "1e30")
+    got = run_json(capsys, "train", "--backbone", "tiny-bert", "--task-file", f"toy2={files['jsonl']}",
+                   "--out", bank, "--max-steps", 2)
+    assert [r["module"] for r in got["results"]] == ["toy2-lora"]

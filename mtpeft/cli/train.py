@@ -112,8 +112,31 @@ def cmd_train(args):
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
     config = parse_options(args.module, args.option)
     check_bank_target(args.out)
+    fresh = not Path(args.out).exists()
     with locked(args.out):  # one writer per bank for the whole run: a second `train --out` is refused up front
-        _train_into(args, tasks, config)
+        try:
+            _train_into(args, tasks, config)
+        except BaseException:
+            if fresh:
+                _drop_if_only_locks(Path(args.out))
+            raise
+
+
+def _drop_if_only_locks(out: Path) -> None:
+    """A run that created ``out`` and failed before anything was committed leaves no folder behind (only
+    its lock files would be there; we still hold the lock, so nobody else is using them)."""
+    import contextlib
+
+    lock = ".mtpeft.lock"
+    runs = out / "runs"
+    if runs.is_dir() and not runs.is_symlink() and {p.name for p in runs.iterdir()} <= {lock}:
+        with contextlib.suppress(OSError):
+            (runs / lock).unlink(missing_ok=True)
+            runs.rmdir()
+    if {p.name for p in out.iterdir()} <= {lock}:
+        with contextlib.suppress(OSError):
+            (out / lock).unlink(missing_ok=True)
+            out.rmdir()
 
 
 def _train_into(args, tasks, config):
