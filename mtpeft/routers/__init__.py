@@ -1,6 +1,8 @@
 """Routers: one file per router, registered by name (``ROUTERS``). See ``base.Router`` for the interface."""
+from .arrow import ArrowRouter
+from .average import AverageRouter
 from .base import ROUTERS, Router, register_router
 from .fixed import FixedRouter
 from .task_id import TaskIdRouter
 
-__all__ = ["ROUTERS", "FixedRouter", "Router", "TaskIdRouter", "register_router"]
+__all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "Router", "TaskIdRouter", "register_router"]
