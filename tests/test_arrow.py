@@ -307,3 +307,9 @@ def test_arrow_sends_held_out_inputs_of_a_task_to_its_expert(suite_bank, top_k):
             mass += dense.mean(1) / len(seen)
         sent = float((mass.argmax(-1) == t).float().mean())
         assert sent > 0.9, f"task {t}: {sent:.2f} of its inputs go to its expert"
+
+
+def test_an_unbound_router_refuses_instead_of_routing_nothing():
+    router = ArrowRouter(["m0"])
+    with pytest.raises(MtpeftError, match="not bound"):
+        router.at_site("encoder.layer.0.attention.self.query", torch.randn(1, 2, 32), RouteContext())
