@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -89,6 +90,23 @@ def use_our_prototypes(pm, bank, family: str) -> float:
     return worst
 
 
+def interleaved_cpu(contenders: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """``common.interleaved`` timed by this process's CPU time (``time.process_time``), not the wall clock: on a
+    machine shared with other jobs the wall clock also counts the time spent waiting for a core. With one
+    torch thread (``--threads 1``) the CPU time is the work done; more threads also count their spinning."""
+    for _ in range(warmup):
+        for f in contenders.values():
+            f()
+    items = list(contenders.items())
+    times = {k: [] for k in contenders}
+    for r in range(repeats):
+        for k, f in items[r % len(items):] + items[: r % len(items)]:
+            t = time.process_time()
+            f()
+            times[k].append((time.process_time() - t) * 1000)
+    return {k: round(statistics.median(v), 3) for k, v in times.items() if v}
+
+
 def profile(f, label: str, rows: int = 12) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -110,6 +128,9 @@ def main(argv=None):
     p.add_argument("--no-peft", action="store_true", help="leave out peft's Arrow")
     p.add_argument("--profile", nargs="*", default=None, metavar="CONTENDER",
                    help="print a torch profile of one forward of these contenders (none named: the routers at the largest E)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: wall-clock time (an idle machine); cpu: this process's CPU time, with --threads 1 the "
+                        "work done whatever else runs on the machine (a shared machine)")
     p.add_argument("--out", default=None, help="write the JSON here instead of benchmarks/results/zeroshot_routing.json")
     a = p.parse_args(argv)
     if a.quick:
@@ -150,7 +171,8 @@ def main(argv=None):
                  for E in peft_models}
         print(f"{len(contenders)} contenders, {a.repeats} rounds after {a.warmup} warm-up; batch {B} x "
               f"{ids.shape[1]} tokens on {a.backbone}, {torch.get_num_threads()} threads", flush=True)
-        ms = interleaved(contenders, repeats=a.repeats, warmup=a.warmup)
+        timer = interleaved if a.clock == "wall" else interleaved_cpu
+        ms = timer(contenders, repeats=a.repeats, warmup=a.warmup)
         mem = {k: peak_mib(f) for k, f in contenders.items()}
         if a.profile is not None:
             for name in a.profile or [f"arrow_E{sizes[-1]}", f"phatgoose_E{sizes[-1]}"]:

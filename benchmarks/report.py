@@ -112,7 +112,8 @@ def routing_table(d: dict) -> list[str]:
 def zeroshot_table(d: dict) -> list[str]:
     c, ms = d["config"], d["ms"]
     out = [(f"**Zero-shot routers over E experts** (`zeroshot_routing.json`; {c['backbone']}, {c['batch']}×{c['seq']} "
-            f"tokens, LoRA r8 on q,v, per-token top-{c['k']}, whole model, the router's own cost included). Single LoRA "
+            f"tokens, LoRA r8 on q,v, per-token top-{c['k']}, whole model, the router's own cost included; "
+            f"{'CPU' if c.get('clock') == 'cpu' else 'wall-clock'} time, {c.get('threads') or 'all'} thread(s)). Single LoRA "
             f"{ms['single_lora']:.0f} ms. peft's Arrow runs every expert on every token; given the same prototypes it "
             "gives the same outputs (max abs diff).").strip(),
            "", "| E | Arrow ms | / single LoRA | PHATGOOSE ms | / single LoRA | peft Arrow ms | Arrow / peft | max abs diff |",

@@ -33,10 +33,11 @@ def test_report_renders_the_zero_shot_table_and_goals(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     row = {"experts": 32, "arrow_ms": 700.0, "arrow/single": 1.1, "phatgoose_ms": 720.0, "phatgoose/single": 1.3,
            "peft_arrow_ms": 1400.0, "arrow/peft_arrow": 0.5, "max_abs_diff_vs_peft": 0.0}
-    d = {"config": {"backbone": "minilm", "batch": 16, "seq": 128, "k": 2}, "ms": {"single_lora": 636.0},
+    d = {"config": {"backbone": "minilm", "batch": 16, "seq": 128, "k": 2, "clock": "cpu", "threads": 1}, "ms": {"single_lora": 636.0},
          "rows": [row], "goals": {"arrow_E32/single <= 1.25": 1.1, "phatgoose_E32/single <= 1.25": 1.3}}
     (tmp_path / "zeroshot_routing.json").write_text(json.dumps(d))
     text = report.render()
+    assert "CPU time, 1 thread(s)" in text
     assert "| 32 | 700 | 1.100 | 720 | 1.300 | 1400 | **0.500** | 0 |" in text
     assert "- `arrow_E32/single <= 1.25`: 1.100 (met)" in text
     assert "- `phatgoose_E32/single <= 1.25`: 1.300 (missed)" in text
