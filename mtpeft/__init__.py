@@ -16,6 +16,7 @@ _LAZY = {
     "ModuleConfig": ".modules",
     "ModuleType": ".modules",
     "register": ".modules",
+    "merge_modules": ".merge",
     "RouteContext": ".routing",
     "Routing": ".routing",
     "AccuracyMatrix": ".continual",
@@ -86,6 +87,7 @@ __all__ = [
     "load_task",
     "load_task_file",
     "make_scorer",
+    "merge_modules",
     "read_manifest",
     "register",
 ]
