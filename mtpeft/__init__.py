@@ -33,6 +33,7 @@ _LAZY = {
     "expert_vs_zero_shot": ".train",
     "fit_expert": ".train",
     "fit_multitask": ".train",
+    "route_eval": ".zeroshot",
 }
 
 
@@ -80,4 +81,5 @@ __all__ = [
     "make_scorer",
     "read_manifest",
     "register",
+    "route_eval",
 ]
