@@ -76,6 +76,9 @@ def cmd_train(args):
     _apply_train_config(args)
     _check_train_args(args)
     tasks = _load_tasks(args)
+    if args.gate and args.multitask:
+        raise MtpeftError("--gate gates one expert per task (PHATGOOSE); drop --multitask, or gate later with "
+                          "`mtpeft gate --bank BANK --module NAME --task TASK`")
     if args.name and len(tasks) > 1 and not args.multitask:
         raise MtpeftError(f"--name names one module, but {len(tasks)} tasks each get their own expert; drop --name "
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
@@ -107,6 +110,12 @@ def cmd_train(args):
             res = evaluate(bank, scorer, t, name)
             bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
             rows.append(dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"]))
+            if args.gate:  # PHATGOOSE gates and retrieval centroid of the new expert (cli/gate.py)
+                from ..gates import CENTROID_EXAMPLES, GATE_LR, GATE_STEPS
+                from .gate import gate_rows
+
+                g = gate_rows(bank, scorer, [(t, name)], cfg, GATE_STEPS, GATE_LR, CENTROID_EXAMPLES)
+                rows[-1]["gate_val_acc"] = g[0]["val_acc"]
             bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
     bank.save(args.out)
     obj = {"bank": str(args.out), "results": rows}
@@ -140,4 +149,7 @@ def add_parser(sub) -> None:
                    help="write each fit's training curves (Lightning's CSV logger: metrics.csv with train/loss "
                    "per step, val/acc and val/loss per validation, hparams.yaml) to DIR/<module name>/ "
                    "(default: no logs)")
+    s.add_argument("--gate", action="store_true",
+                   help="after training each expert, train its PHATGOOSE gates and compute its retrieval centroid "
+                   "(as `mtpeft gate`: 100 steps, lr 5e-3), for `mtpeft route`")
     s.set_defaults(func=cmd_train)
