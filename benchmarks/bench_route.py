@@ -43,6 +43,16 @@ def capped(name: str, conf: dict, seed: int, train: bool = True):
     return task.cap(conf["max_test"], seed=seed, splits=["test"])
 
 
+def setup(bank, scorer, conf: dict):
+    """The benchmark's machine settings: torch threads (1 on a shared machine: no thread waits on a descheduled
+    peer) and the scorer's input length (tokens; shorter inputs make every phase cheaper, the same for all)."""
+    import torch
+
+    torch.set_num_threads(int(conf.get("threads", 1)))
+    scorer.max_length = int(conf.get("max_length", scorer.max_length))
+    return bank, scorer
+
+
 def bank_dir(seed: int) -> Path:
     return WORK / f"seed{seed}" / "bank"
 
@@ -55,7 +65,7 @@ def train_seed(conf: dict, seed: int) -> None:
 
     path = bank_dir(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bank, scorer = load_bank_or_new(conf["backbone"], path)
+    bank, scorer = setup(*load_bank_or_new(conf["backbone"], path), conf)
     options = parse_options(conf["module"], [f"{k}={json.dumps(v)}" for k, v in conf["options"].items()])
     cfg = TrainConfig(lr=conf["lr"], batch_size=conf["batch_size"], max_epochs=100, max_steps=conf["max_steps"],
                       patience=conf["patience"], val_check_interval=conf["val_every"], seed=seed, progress=False)
@@ -80,35 +90,40 @@ def train_seed(conf: dict, seed: int) -> None:
 
 
 def gate_seed(conf: dict, seed: int) -> None:
-    """PHATGOOSE gates and retrieval centroids for every expert of the seed's bank (`mtpeft gate`)."""
-    from mtpeft.cli import main as cli
+    """PHATGOOSE gates and retrieval centroids for every expert of the seed's bank (what `mtpeft gate` does), on
+    the same capped training data the experts saw; skips experts gated already."""
+    from mtpeft import TrainConfig
+    from mtpeft.api import open_bank
+    from mtpeft.gates import prepare_expert
+    from mtpeft.routers.phatgoose import has_gates
 
+    path = bank_dir(seed)
+    bank, scorer = setup(*open_bank(path), conf)
+    cfg = TrainConfig(batch_size=conf["batch_size"], seed=seed, progress=False)
     for t in conf["experts"]:
-        argv = ["gate", "--bank", str(bank_dir(seed)), "--module", f"{t}-{conf['module']}", "--task", t,
-                "--max-examples", str(conf["max_train"]), "--seed", str(seed), "--json"]
-        if "gate_steps" in conf:
-            argv += ["--max-steps", str(conf["gate_steps"])]
-        if "gate_lr" in conf:
-            argv += ["--lr", str(conf["gate_lr"])]
-        rc = cli(argv)
-        if rc:
-            raise SystemExit(f"mtpeft {' '.join(argv)} failed ({rc})")
+        name = f"{t}-{conf['module']}"
+        if has_gates(bank, name):
+            continue
+        out = prepare_expert(bank, scorer, capped(t, conf, seed), name, cfg, steps=conf["gate_steps"],
+                             lr=conf["gate_lr"])
+        bank.save(path, only=[name])
+        print(f"seed {seed}: {name} gated: {out}", flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "route-heldout.yaml"))
-    p.add_argument("--phase", default="all", choices=["train", "gate", "eval", "all"])
+    p.add_argument("--phase", default="all", choices=["prepare", "train", "gate", "eval", "all"],
+                   help="prepare: train then gate, seed by seed; all: prepare then eval")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
     args = p.parse_args(argv)
     conf = load_config(args.config)
     seeds = args.seeds if args.seeds is not None else conf["seeds"]
     t0 = time.perf_counter()
-    if args.phase in ("train", "all"):
-        for s in seeds:
+    for s in seeds:
+        if args.phase in ("train", "prepare", "all"):
             train_seed(conf, s)
-    if args.phase in ("gate", "all"):
-        for s in seeds:
+        if args.phase in ("gate", "prepare", "all"):
             gate_seed(conf, s)
     if args.phase in ("eval", "all"):
         evaluate_all(conf, seeds, args, time.perf_counter() - t0)
@@ -125,7 +140,7 @@ def eval_seed(conf: dict, seed: int) -> dict:
     from mtpeft.route_report import write_report
     from mtpeft.zeroshot import route_eval
 
-    bank, scorer = open_bank(bank_dir(seed))
+    bank, scorer = setup(*open_bank(bank_dir(seed)), conf)
     tasks = [capped(n, conf, seed) for n in conf["heldout"]]
     report = route_eval(bank, scorer, tasks, conf["routers"], seed=seed,
                         log=lambda m: print(f"seed {seed}: {m}", flush=True))

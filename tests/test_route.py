@@ -237,3 +237,40 @@ def test_cli_route_empty_bank(capsys, task_files, tmp_path):
     msg = error_of(capsys, "route", "--bank", tmp_path / "empty", "--task-file", task_files[0],
                    "--routers", "_test_token")
     assert "no experts" in msg and "mtpeft train" in msg
+
+
+# ---- with the real routers -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gated_dir(tmp_path_factory, bank_dir):
+    """The tiny bank with every expert gated (a few PHATGOOSE steps) and its retrieval centroid, by `mtpeft gate`."""
+    import shutil
+
+    from test_cli import run_quiet
+
+    d = tmp_path_factory.mktemp("gated")
+    path = shutil.copytree(bank_dir, d / "bank")
+    for i, t in enumerate(EXPERT_TASKS):
+        run_quiet("gate", "--bank", path, "--module", f"{t}-lora", "--task-file",
+                  f"{t}={write_csv(d / f'{t}.csv', t, seed=10 + i)}", "--steps", 3)
+    return path
+
+
+def test_cli_route_phatgoose_and_retrieval(capsys, gated_dir, task_files, tmp_path):
+    got = run_json(capsys, "route", "--bank", gated_dir, "--task-file", task_files[0], "--task-file", task_files[1],
+                   "--routers", "phatgoose,retrieval", "--out", tmp_path / "r")
+    assert [r["method"] for r in got["rows"]][:3] == ["zero-shot", "phatgoose", "retrieval"]
+    pg, rt = got["routing"]["phatgoose"], got["routing"]["retrieval"]
+    assert pg["granularity"] == "token" and rt["granularity"] == "example"
+    for layer in pg["per_layer"].values():
+        w = torch.tensor(layer)
+        assert torch.allclose(w.sum(1), torch.ones(2), atol=1e-5)
+        assert (w > 0).sum(1).max() <= 3
+    r1 = torch.tensor(rt["overall"])  # top-1 per example: shares of the examples
+    assert torch.allclose(r1.sum(1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(r1 * 16, (r1 * 16).round(), atol=1e-4)
+    assert (tmp_path / "r" / "heatmap-phatgoose.png").exists()
+
+
+def test_cli_route_without_gates_names_mtpeft_gate(capsys, bank_dir, task_files):
+    msg = error_of(capsys, "route", "--bank", bank_dir, "--task-file", task_files[0], "--routers", "phatgoose")
+    assert "mtpeft gate" in msg and "ta-lora" in msg
