@@ -1,9 +1,11 @@
 """Routers: one file per router, registered by name (``ROUTERS``). See ``base.Router`` for the interface."""
+from .arrow import ArrowRouter
+from .average import AverageRouter
 from .base import ROUTERS, Router, register_router
 from .fixed import FixedRouter
 from .phatgoose import PhatgooseGates, PhatgooseRouter
 from .retrieval import RetrievalRouter
 from .task_id import TaskIdRouter
 
-__all__ = ["ROUTERS", "FixedRouter", "PhatgooseGates", "PhatgooseRouter", "RetrievalRouter", "Router", "TaskIdRouter",
-           "register_router"]
+__all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "PhatgooseGates", "PhatgooseRouter",
+           "RetrievalRouter", "Router", "TaskIdRouter", "register_router"]
