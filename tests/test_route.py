@@ -255,10 +255,17 @@ def gated_dir(tmp_path_factory, bank_dir):
     return path
 
 
-def test_cli_route_phatgoose_and_retrieval(capsys, gated_dir, task_files, tmp_path):
+def test_cli_route_every_default_router(capsys, gated_dir, task_files, tmp_path):
+    """The default --routers on a gated bank: every router, both merges (built in memory, gone after), the
+    multitask module, the oracle; routing recorded for the four routers, with their own sparsity."""
     got = run_json(capsys, "route", "--bank", gated_dir, "--task-file", task_files[0], "--task-file", task_files[1],
-                   "--routers", "phatgoose,retrieval", "--out", tmp_path / "r")
-    assert [r["method"] for r in got["rows"]][:3] == ["zero-shot", "phatgoose", "retrieval"]
+                   "--out", tmp_path / "r")
+    assert [r["method"] for r in got["rows"]] == ["zero-shot", "phatgoose", "arrow", "retrieval", "average",
+                                                 "merge-uniform", "merge-ties", "multitask", "oracle expert",
+                                                 "majority"]
+    assert set(got["routing"]) == {"phatgoose", "arrow", "retrieval", "average"}
+    assert got["merges"]["merge-uniform"]["exact"] and got["merges"]["merge-ties"]["method"] == "ties"
+    assert json.loads((gated_dir / "manifest.json").read_text())["modules"].__len__() == 4  # nothing saved
     pg, rt = got["routing"]["phatgoose"], got["routing"]["retrieval"]
     assert pg["granularity"] == "token" and rt["granularity"] == "example"
     for layer in pg["per_layer"].values():
@@ -268,7 +275,10 @@ def test_cli_route_phatgoose_and_retrieval(capsys, gated_dir, task_files, tmp_pa
     r1 = torch.tensor(rt["overall"])  # top-1 per example: shares of the examples
     assert torch.allclose(r1.sum(1), torch.ones(2), atol=1e-5)
     assert torch.allclose(r1 * 16, (r1 * 16).round(), atol=1e-4)
-    assert (tmp_path / "r" / "heatmap-phatgoose.png").exists()
+    avg = torch.tensor(got["routing"]["average"]["overall"])
+    assert torch.allclose(avg, torch.full((2, 3), 1 / 3), atol=1e-5)
+    for name in ("heatmap.png", "heatmap-phatgoose.png", "heatmap-arrow.png", "heatmap-retrieval.png"):
+        assert (tmp_path / "r" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_route_without_gates_names_mtpeft_gate(capsys, bank_dir, task_files):
