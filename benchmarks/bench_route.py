@@ -116,6 +116,8 @@ def main(argv=None):
     p.add_argument("--phase", default="all", choices=["prepare", "train", "gate", "eval", "all"],
                    help="prepare: train then gate, seed by seed; all: prepare then eval")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
+    p.add_argument("--again", action="store_true", help="re-evaluate seeds that have a report already")
+    p.add_argument("--no-summary", action="store_true", help="eval: write the per-seed reports only")
     args = p.parse_args(argv)
     conf = load_config(args.config)
     seeds = args.seeds if args.seeds is not None else conf["seeds"]
@@ -126,7 +128,11 @@ def main(argv=None):
         if args.phase in ("gate", "prepare", "all"):
             gate_seed(conf, s)
     if args.phase in ("eval", "all"):
-        evaluate_all(conf, seeds, args, time.perf_counter() - t0)
+        if args.no_summary:
+            for s in seeds:
+                eval_seed(conf, s, args.again)
+        else:
+            evaluate_all(conf, seeds, args, time.perf_counter() - t0)
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -134,8 +140,14 @@ ORDER = ["zero-shot", "phatgoose", "arrow", "retrieval", "average", "merge-unifo
          "oracle expert", "majority"]
 
 
-def eval_seed(conf: dict, seed: int) -> dict:
-    """`mtpeft route`'s evaluation of the held-out tasks on one seed's bank; report and heatmaps beside the bank."""
+def eval_seed(conf: dict, seed: int, again: bool = False) -> dict:
+    """`mtpeft route`'s evaluation of the held-out tasks on one seed's bank; report.json and heatmaps under
+    ``benchmarks/work/route/seed<S>/report`` (kept: a later run reads it back unless ``again``)."""
+    from mtpeft.io import read_json
+
+    out = WORK / f"seed{seed}" / "report"
+    if (out / "report.json").exists() and not again:
+        return read_json(out / "report.json", what="route report")
     from mtpeft.api import open_bank
     from mtpeft.route_report import write_report
     from mtpeft.zeroshot import route_eval
@@ -144,7 +156,7 @@ def eval_seed(conf: dict, seed: int) -> dict:
     tasks = [capped(n, conf, seed) for n in conf["heldout"]]
     report = route_eval(bank, scorer, tasks, conf["routers"], seed=seed,
                         log=lambda m: print(f"seed {seed}: {m}", flush=True))
-    report["files"] = write_report(report, WORK / f"seed{seed}" / "report")
+    report["files"] = write_report(report, out)
     return report
 
 
@@ -180,7 +192,7 @@ def summarise(reports: list[dict], conf: dict) -> dict:
 
 def evaluate_all(conf, seeds, args, elapsed):
     t0 = time.perf_counter()
-    reports = [eval_seed(conf, s) for s in seeds]
+    reports = [eval_seed(conf, s, args.again) for s in seeds]
     for rep in reports:  # the per-site breakdown stays in the per-seed report.json under benchmarks/work/
         for rt in rep["routing"].values():
             rt.pop("per_site", None)
