@@ -61,12 +61,12 @@ def _panels(rt: dict) -> list[tuple[str, list]]:
         [(ALL_LAYERS, rt["overall"])]
 
 
-def _draw(ax, matrix, tasks, experts, title, annotate=True):
+def _draw(ax, matrix, tasks, experts, title, annotate=True, xlabels=True, ylabels=True):
     im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_title(title, fontsize=9)
-    ax.set_xticks(range(len(experts)), [e.removesuffix("-lora") for e in experts], rotation=40, ha="right",
-                  fontsize=7)
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    ax.set_xticks(range(len(experts)), [e.removesuffix("-lora") for e in experts] if xlabels else [],
+                  rotation=40, ha="right", fontsize=7)
+    ax.set_yticks(range(len(tasks)), tasks if ylabels else [], fontsize=7)
     if annotate:
         for i, row in enumerate(matrix):
             for j, w in enumerate(row):
@@ -93,7 +93,8 @@ def render(report_json: str | Path) -> list[Path]:
     if not routing:
         return out
     w_cell, h_cell = 0.55 * len(experts) + 1.6, 0.32 * len(tasks) + 1.4
-    fig, axes = plt.subplots(1, len(routing), figsize=(w_cell * len(routing) + 1.0, h_cell + 0.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(routing), figsize=(w_cell * len(routing) + 1.0, h_cell + 0.6), squeeze=False,
+                             layout="constrained")
     for ax, (name, rt) in zip(axes[0], routing.items()):
         im = _draw(ax, rt["overall"], tasks, experts, f"{name} (per {rt['granularity']})")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean routing weight")
@@ -101,11 +102,14 @@ def render(report_json: str | Path) -> list[Path]:
     out.append(_save(fig, path.parent / "heatmap.png", plt))
     for name, rt in routing.items():
         panels = _panels(rt)
-        cols = min(4, len(panels))
+        cols = min(4 if len(panels) <= 12 else 6, len(panels))
         rows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(w_cell * cols + 1.0, h_cell * rows + 0.6), squeeze=False, layout="constrained")
-        for ax, (title, m) in zip(axes.flat, panels):
-            im = _draw(ax, m, tasks, experts, title, annotate=len(panels) <= 12)
+        many = len(panels) > 12  # tick labels on the outer panels only, no numbers in the cells
+        fig, axes = plt.subplots(rows, cols, figsize=(w_cell * cols + 1.0, h_cell * rows + 0.6), squeeze=False,
+                                 layout="constrained")
+        for i, (ax, (title, m)) in enumerate(zip(axes.flat, panels)):
+            im = _draw(ax, m, tasks, experts, title, annotate=not many,
+                       xlabels=not many or i >= len(panels) - cols, ylabels=not many or i % cols == 0)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="mean routing weight")

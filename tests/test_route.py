@@ -86,9 +86,10 @@ def test_route_eval_rows_oracle_and_routing_mass(tiny_backbone):
 
     bank, scorer = tiny_bank(tiny_backbone)
     tasks = heldout_tasks()
-    rep = route_eval(bank, scorer, tasks, ["_test_token", "_test_example"], batch_size=8)
-    assert [r["method"] for r in rep["rows"]] == ["zero-shot", "_test_token", "_test_example", "multitask",
-                                                 "oracle expert", "majority"]
+    rep = route_eval(bank, scorer, tasks, ["_test_token", "_test_example", "arrow", "merge-uniform"], batch_size=8)
+    assert [r["method"] for r in rep["rows"]] == ["zero-shot", "_test_token", "_test_example", "arrow",
+                                                 "merge-uniform", "multitask", "oracle expert", "majority"]
+    assert bank.names == [f"{t}-lora" for t in EXPERT_TASKS] + ["multitask-lora"]  # the merge was removed again
     assert rep["experts"] == [f"{t}-lora" for t in EXPERT_TASKS] and rep["multitask"] == "multitask-lora"
     json.dumps(rep)  # JSON-safe throughout
     rows = {r["method"]: r for r in rep["rows"]}
@@ -103,7 +104,9 @@ def test_route_eval_rows_oracle_and_routing_mass(tiny_backbone):
     assert tok["granularity"] == "token" and ex["granularity"] == "example"
     assert set(tok["sites"]) == set(bank.module_sites("ta-lora"))
     assert len(tok["per_layer"]) == 2  # two layers, q and v pooled in each
-    for m in [*tok["per_site"].values(), *tok["per_layer"].values(), tok["overall"], ex["overall"]]:
+    arrow = rep["routing"]["arrow"]
+    for m in [*tok["per_site"].values(), *tok["per_layer"].values(), tok["overall"], ex["overall"],
+              *arrow["per_site"].values()]:
         w = torch.tensor(m)
         assert w.shape == (2, 3)
         assert torch.allclose(w.sum(1), torch.ones(2), atol=1e-5)
