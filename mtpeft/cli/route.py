@@ -17,6 +17,8 @@ def cmd_route(args):
     routers = check_routers(args.routers.split(","))  # a typo fails before anything loads
     if args.top_k is not None and args.top_k < 1:
         raise MtpeftError(f"--top-k {args.top_k} is out of range; give a positive integer, e.g. --top-k 2")
+    if args.batch_size < 1:
+        raise MtpeftError(f"--batch-size {args.batch_size} is out of range; give a positive integer, e.g. 64")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise MtpeftError(f"--out {args.out} is a file; give a directory for report.json, report.md and the heatmaps")
     if not (Path(args.bank) / "manifest.json").exists():
@@ -41,7 +43,8 @@ def cmd_route(args):
 def add_parser(sub) -> None:
     s = sub.add_parser("route", help="route tasks no expert was trained on across a bank's experts (no labels "
                        "used to route): routers, merges, multitask and oracle, with heatmaps")
-    s.add_argument("--bank", required=True, type=Path)
+    s.add_argument("--bank", required=True, type=Path, help="a bank of experts (gated with `mtpeft gate` for "
+                   "phatgoose and retrieval)")
     _task_args(s)
     _common(s, backbone=False)
     s.add_argument("--routers", default=DEFAULT,
@@ -50,7 +53,7 @@ def add_parser(sub) -> None:
                    help="experts kept per token / example (default: each router's own: phatgoose 2, arrow 3, "
                    "retrieval 1)")
     s.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="examples per forward (default 64)")
     s.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write report.json, report.md and PNG heatmaps of the routing weights to DIR")
     s.set_defaults(func=cmd_route)
