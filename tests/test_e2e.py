@@ -75,17 +75,17 @@ def test_quickstart_runs_and_writes_its_bank(tmp_path, capsys):
 
 def test_minilm_route_sends_held_out_tweets_to_the_tweet_expert():
     """`mtpeft route`'s evaluation on the real encoder: three experts (two tweet domains, one WordNet task) with
-    retrieval centroids from 64 training inputs each; held-out tweet_apple and wordnet_pos inputs go by
+    retrieval centroids from 48 training inputs each; held-out tweet_apple and wordnet_pos inputs go by
     retrieval to the expert of their own kind (the experts are untrained: this checks where inputs are routed,
-    and that the recorded shares are what the report says)."""
+    as the report records it, not accuracy)."""
     from mtpeft.gates import fit_centroid
     from mtpeft.zeroshot import route_eval
 
     bank, scorer = new_bank("minilm")
     for name in ("tweet_airline", "tweet_deflategate", "wordnet_noun"):
         bank.add(f"{name}-lora", "lora", {"r": 4}, task=name)
-        fit_centroid(bank, scorer, load_builtin(name, max_examples=64), f"{name}-lora", n=64)
-    tasks = [load_builtin(n, max_examples=48) for n in ("tweet_apple", "wordnet_pos")]
+        fit_centroid(bank, scorer, load_builtin(name, max_examples=48), f"{name}-lora", n=48)
+    tasks = [load_builtin(n, max_examples=40) for n in ("tweet_apple", "wordnet_pos")]
     rep = route_eval(bank, scorer, tasks, ["retrieval"])
     share = rep["routing"]["retrieval"]["overall"]  # [task][expert], per example, top-1
     assert share[0][0] + share[0][1] > 0.8, share  # tweet_apple -> the tweet experts (0.98 measured)
