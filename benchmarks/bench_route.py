@@ -198,7 +198,10 @@ def evaluate_all(conf, seeds, args, elapsed):
             rt.pop("per_site", None)
             rt.pop("recorded", None)
     command = "python benchmarks/bench_route.py " + " ".join(shlex.quote(a) for a in (argv_of(args)))
-    payload = {"command": command, "config": conf, "seeds": seeds, "experts": reports[0]["experts"],
+    ran_as = ("the same work split over three processes (one per seed, at nice 5 on the shared 2-core machine): "
+              "`--phase prepare --seeds S` then `--phase eval --seeds S --no-summary` for S in 0 1 2, then this "
+              "command, which reads the per-seed reports under benchmarks/work/route/")
+    payload = {"command": command, "ran_as": ran_as, "config": conf, "seeds": seeds, "experts": reports[0]["experts"],
                "expert_tasks": reports[0]["expert_tasks"], "multitask": reports[0]["multitask"],
                "tasks": reports[0]["tasks"], **summarise(reports, conf), "per_seed": reports,
                "eval_seconds": round(time.perf_counter() - t0, 1), "seconds_before_eval": round(elapsed, 1)}
