@@ -199,8 +199,9 @@ def evaluate_all(conf, seeds, args, elapsed):
             rt.pop("per_site", None)
             rt.pop("recorded", None)
     command = "python benchmarks/bench_route.py " + " ".join(shlex.quote(a) for a in (argv_of(args)))
-    ran_as = ("the same work split over three processes (one per seed, at nice 5 on the shared 2-core machine): "
-              "`--phase prepare --seeds S` then `--phase eval --seeds S --no-summary` for S in 0 1 2, then this "
+    ran_as = ("the same work split over three processes, one per seed, on the shared 2-core machine: "
+              "`--phase prepare --seeds S` (nice 10, then 5), then `--phase gate --seeds S` and "
+              "`--phase eval --seeds S --no-summary` (nice 0, to finish in time) for S in 0 1 2; then this "
               "command, which reads the per-seed reports under benchmarks/work/route/")
     payload = {"command": command, "ran_as": ran_as, "config": conf, "seeds": seeds, "experts": reports[0]["experts"],
                "expert_tasks": reports[0]["expert_tasks"], "multitask": reports[0]["multitask"],
