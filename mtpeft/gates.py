@@ -46,6 +46,9 @@ def fit_gates(bank, scorer, task, module: str, cfg=None, *, steps: int = GATE_ST
         raise MtpeftError(f"gate training needs a positive learning rate, got {lr}; e.g. --lr 5e-3")
     if len(task.splits["train"]) == 0:
         raise MtpeftError(f"task {task.name!r} has no training examples to gate module {module!r} on")
+    if bank.record(module).merged:
+        raise MtpeftError(f"module {module!r} is merged into the base weights, so a gate cannot scale it; "
+                          f"unmerge it first (bank.unmerge({module!r}))")
     router = PhatgooseGates.for_module(bank, module)
     cfg = cfg or TrainConfig()
     steps = int(steps)

@@ -81,17 +81,10 @@ class PhatgooseGates(Router):
         self.gates = nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in self.dims])
 
     @classmethod
-    def for_module(cls, bank, name: str, init: bool = False) -> PhatgooseGates:
-        """Zero gates at every site of module ``name`` (``init=True``: start from its stored gates)."""
+    def for_module(cls, bank, name: str) -> PhatgooseGates:
+        """Zero gates at every site of module ``name``, on the bank's device."""
         sites = gate_sites(bank, name)
-        router = cls(name, [s for s, _ in sites], [d for _, d in sites])
-        if init:
-            have = gates_of(bank, name)
-            with torch.no_grad():
-                for i, s in enumerate(router.sites):
-                    if s in have:
-                        router.gates[i].copy_(have[s])
-        return router.to(bank.device)
+        return cls(name, [s for s, _ in sites], [d for _, d in sites]).to(bank.device)
 
     def at_site(self, site: str, x: Tensor, ctx: RouteContext) -> Routing | None:
         i = self._pos.get(site)
@@ -178,13 +171,15 @@ class PhatgooseRouter(Router):
         self._normed = {}
 
     def _gates(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """LN(gates) at site ``i`` in ``x``'s dtype and device, and the sites' global ids (cached)."""
+        """LN(gates) at site ``i`` in ``x``'s dtype and device, and their experts' bank ids (cached until the
+        router is rebound, moved or loaded)."""
         key = (i, x.device, x.dtype)
-        g = self._normed.get(key)
-        if g is None:
+        got = self._normed.get(key)
+        if got is None:
             raw = getattr(self, f"gates_{i}")
-            g = self._normed[key] = F.layer_norm(raw.float(), (raw.shape[-1],)).to(device=x.device, dtype=x.dtype)
-        return g, self._site_ids[i].to(x.device)
+            g = F.layer_norm(raw.float(), (raw.shape[-1],)).to(device=x.device, dtype=x.dtype)
+            got = self._normed[key] = (g, self._site_ids[i].to(x.device))
+        return got
 
     def _apply(self, fn, *args, **kw):  # a move or cast of the buffers drops the cached normalised gates
         self._normed = {}

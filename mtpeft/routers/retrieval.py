@@ -69,7 +69,12 @@ class RetrievalRouter(Router):
                               for n in missing)
             raise MtpeftError(f"module(s) {missing} have no retrieval centroid; compute it from the task's training "
                               f"inputs: {hints}")
-        cents = torch.stack([bank.artifact(n, CENTROID).reshape(-1).float() for n in modules])
+        cents = [bank.artifact(n, CENTROID).reshape(-1).float() for n in modules]
+        widths = {n: c.numel() for n, c in zip(modules, cents)}
+        if len(set(widths.values())) != 1:
+            raise MtpeftError(f"retrieval centroids of different widths {widths}: they were made on different "
+                              "backbones; recompute them with `mtpeft gate` on this bank")
+        cents = torch.stack(cents)
         router = cls(modules, cents.shape[1], DEFAULT_TOP_K if top_k is None else top_k, temperature)
         with torch.no_grad():
             router.centroids.copy_(cents)
