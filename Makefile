@@ -36,6 +36,7 @@ bench: setup  # each script writes benchmarks/results/<name>.json; `make bench B
 	$(PY) benchmarks/bench_train.py --backbone smollm2 --batch 4 --seq 64 $(BENCH_ARGS)
 	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_scorer.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_zeroshot_routing.py $(BENCH_ARGS)
 	$(PY) benchmarks/report.py --readme
 
 bench-accuracy: setup  # one LoRA expert per built-in task vs zero-shot on MiniLM (~25 min on 2 cores)

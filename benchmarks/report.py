@@ -109,6 +109,24 @@ def routing_table(d: dict) -> list[str]:
     return out
 
 
+def zeroshot_table(d: dict) -> list[str]:
+    c, ms = d["config"], d["ms"]
+    out = [(f"**Zero-shot routers over E experts** (`zeroshot_routing.json`; {c['backbone']}, {c['batch']}×{c['seq']} "
+            f"tokens, LoRA r8 on q,v, per-token top-{c['k']}, whole model, the router's own cost included; "
+            f"{'CPU' if c.get('clock') == 'cpu' else 'wall-clock'} time, {c.get('threads') or 'all'} thread(s)). Single LoRA "
+            f"{ms['single_lora']:.0f} ms. peft's Arrow runs every expert on every token; given the same prototypes it "
+            "gives the same outputs (max abs diff).").strip(),
+           "", "| E | Arrow ms | / single LoRA | PHATGOOSE ms | / single LoRA | peft Arrow ms | Arrow / peft | max abs diff |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        peft_ms = f"{r['peft_arrow_ms']:.0f}" if "peft_arrow_ms" in r else "-"
+        vs = f"**{r['arrow/peft_arrow']:.3f}**" if "arrow/peft_arrow" in r else "-"
+        diff = f"{r['max_abs_diff_vs_peft']:.1g}" if "max_abs_diff_vs_peft" in r else "-"
+        out.append(f"| {r['experts']} | {r['arrow_ms']:.0f} | {r['arrow/single']:.3f} | {r['phatgoose_ms']:.0f} | "
+                   f"{r['phatgoose/single']:.3f} | {peft_ms} | {vs} | {diff} |")
+    return out
+
+
 def chooser_line(d: dict) -> list[str]:
     s = d["summary"]
     return [(f"The dense/grouped chooser (`kernel_threshold.json`, {len(d['config']['shapes'])} stack shapes × "
@@ -154,7 +172,7 @@ def route_table(d: dict) -> list[str]:
     return out
 
 
-def goals(train_runs: list[dict], inf: dict | None) -> list[str]:
+def goals(train_runs: list[dict], inf: dict | None, zs: dict | None = None) -> list[str]:
     out = ["Goals from the issue (goals, not asserts):", ""]
     for d in train_runs:
         for r in d["rows"]:
@@ -162,8 +180,8 @@ def goals(train_runs: list[dict], inf: dict | None) -> list[str]:
             ok = "met" if x <= 1.0 else f"parity: within the ±{NOISE:.0%} run-to-run spread" if x <= 1 + NOISE else "missed"
             out.append(f"- training step no slower than peft, {d['config']['backbone']} {r['type']}: "
                        f"{r['mtpeft/peft']:.3f} ({ok})")
-    if inf:
-        for k, v in inf["goals"].items():
+    for d in (inf, zs):
+        for k, v in (d or {}).get("goals", {}).items():
             lhs, op, bound = k.rsplit(" ", 2)
             ok = v <= float(bound) if op == "<=" else v < float(bound)
             out.append(f"- `{lhs} {op} {bound}`: {v:.3f} ({'met' if ok else 'missed'})")
@@ -183,13 +201,16 @@ def render() -> str:
         parts.append(inference_table(inf))
     if (d := _load("routing")):
         parts.append(routing_table(d))
+    zs = _load("zeroshot_routing")
+    if zs:
+        parts.append(zeroshot_table(zs))
     if (d := _load("kernel_threshold")):
         parts.append(chooser_line(d))
     if (d := _load("scorer_smollm2")):
         parts.append(scorer_table(d))
     if (d := _load("route_heldout")):
         parts.append(route_table(d))
-    parts.append(goals(runs, inf))
+    parts.append(goals(runs, inf, zs))
     return "\n\n".join("\n".join(p) for p in parts)
 
 

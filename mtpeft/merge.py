@@ -21,6 +21,7 @@ as a zero delta for it. The new module exports to peft like any LoRA (``mtpeft b
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import Tensor
@@ -195,7 +196,7 @@ def _combine(bank, names, w, site, method, density, seed) -> Tensor:
         return torch.einsum("n,noi->oi", wt, D)
     if method == "ties":
         return ties_merge(D, wt, density)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, site)))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(site.encode()))  # its own draw per site
     D = torch.stack([_dare(x, density, gen) for x in D])
     if method == "dare":
         return torch.einsum("n,noi->oi", wt, D)

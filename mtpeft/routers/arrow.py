@@ -164,6 +164,9 @@ class ArrowRouter(Router):
     # ---- routing ---------------------------------------------------------------------------------
     def logits(self, site: str, x: Tensor) -> Tensor | None:
         """``|<x, p_e>| / T`` ``[..., E_s]`` over the experts acting at ``site`` (one matmul), or None."""
+        if self._bound is None:
+            raise MtpeftError("Arrow router is not bound to a bank yet: route through bank.route(router) or "
+                              "bank(ids, mask, routing=router), or build it with ArrowRouter.from_bank(bank)")
         entry = self._site.get(site)
         if entry is None:
             return None
