@@ -150,6 +150,28 @@ def scorer_table(d: dict) -> list[str]:
     return out
 
 
+def route_table(d: dict) -> list[str]:
+    """Zero-shot routing on held-out tasks (`route_heldout.json`): mean ± std over the seeds."""
+    c, names = d["config"], [t["task"] for t in d["tasks"]]
+    order = ["zero-shot", "phatgoose", "arrow", "retrieval", "average", "merge-uniform", "merge-ties", "multitask",
+             "oracle expert", "majority"]
+    fmt = lambda v: f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+    out = [(f"**Zero-shot routing on held-out tasks** (`route_heldout.json`; `{d['command']}`; seeds "
+            f"{', '.join(map(str, d['seeds']))}; {c['backbone']}, LoRA r{c['options']['r']} experts on "
+            f"{', '.join(f'`{t}`' for t in c['experts'])} (≤{c['max_train']} examples, {c['max_steps']} steps), "
+            f"one multitask LoRA on their union; ≤{c['max_test']} test examples per task; accuracy %, mean ± std):"),
+           "", "| method | " + " | ".join(f"`{n}`" for n in names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
+    for m in sorted(d["accuracy"], key=lambda m: order.index(m) if m in order else len(order)):
+        a = d["accuracy"][m]
+        label = f"{m} (oracle: picked with the labels)" if m == "oracle expert" else m
+        out.append(f"| {label} | " + " | ".join(fmt(a[n]) for n in names) + f" | {fmt(a['average'])} |")
+    pct = lambda per: ", ".join(f"{t} {100 * v['mean']:.0f}%" for t, v in per.items())
+    shares = [f"{r} {pct(per)}" for r, per in d["tweet_share"].items() if r in ("phatgoose", "arrow", "retrieval")]
+    if shares:
+        out += ["", "Share of each held-out tweet task's routing mass on the tweet experts: " + "; ".join(shares) + "."]
+    return out
+
+
 def goals(train_runs: list[dict], inf: dict | None, zs: dict | None = None) -> list[str]:
     out = ["Goals from the issue (goals, not asserts):", ""]
     for d in train_runs:
@@ -186,6 +208,8 @@ def render() -> str:
         parts.append(chooser_line(d))
     if (d := _load("scorer_smollm2")):
         parts.append(scorer_table(d))
+    if (d := _load("route_heldout")):
+        parts.append(route_table(d))
     parts.append(goals(runs, inf, zs))
     return "\n\n".join("\n".join(p) for p in parts)
 

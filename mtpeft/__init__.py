@@ -38,6 +38,7 @@ _LAZY = {
     "fit_gates": ".gates",
     "fit_expert": ".train",
     "fit_multitask": ".train",
+    "route_eval": ".zeroshot",
 }
 
 
@@ -90,4 +91,5 @@ __all__ = [
     "merge_modules",
     "read_manifest",
     "register",
+    "route_eval",
 ]

@@ -58,3 +58,19 @@ def test_broken_json_names_the_file(report):
     (report.RESULTS / "inference.json").write_text("{not json")
     with pytest.raises(SystemExit, match="inference.json is not valid JSON"):
         report.render()
+
+
+def test_route_table_mean_and_std_over_seeds(report):
+    ms = lambda m, s: {"mean": m, "std": s, "runs": []}
+    d = {"command": "python benchmarks/bench_route.py --config c.yaml", "seeds": [0, 1, 2],
+         "config": {"backbone": "minilm", "options": {"r": 8}, "experts": ["e1"], "max_train": 10, "max_steps": 5,
+                    "max_test": 7},
+         "tasks": [{"task": "h1"}],
+         "accuracy": {"arrow": {"h1": ms(0.5, 0.01), "average": ms(0.5, 0.01)},
+                      "zero-shot": {"h1": ms(0.25, 0.0), "average": ms(0.25, 0.0)}},
+         "tweet_share": {"arrow": {"h1": ms(0.9, 0.05)}}}
+    (report.RESULTS / "route_heldout.json").write_text(json.dumps(d))
+    text = report.render()
+    assert "| zero-shot | 25.0 ± 0.0 | 25.0 ± 0.0 |" in text
+    assert text.index("| zero-shot") < text.index("| arrow")  # the table's order, not the file's
+    assert "arrow h1 90%" in text and "seeds 0, 1, 2" in text

@@ -71,3 +71,23 @@ def test_quickstart_runs_and_writes_its_bank(tmp_path, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in listed["modules"]] == ["tweet_apple-lora"]
     assert listed["modules"][0]["test_acc"] == pytest.approx(row["expert"], abs=1e-4)
+
+
+def test_minilm_route_sends_held_out_tweets_to_the_tweet_expert():
+    """`mtpeft route`'s evaluation on the real encoder: three experts (two tweet domains, one WordNet task) with
+    retrieval centroids from 48 training inputs each; held-out tweet_apple and wordnet_pos inputs go by
+    retrieval to the expert of their own kind (the experts are untrained: this checks where inputs are routed,
+    as the report records it, not accuracy)."""
+    from mtpeft.gates import fit_centroid
+    from mtpeft.zeroshot import route_eval
+
+    bank, scorer = new_bank("minilm")
+    for name in ("tweet_airline", "tweet_deflategate", "wordnet_noun"):
+        bank.add(f"{name}-lora", "lora", {"r": 4}, task=name)
+        fit_centroid(bank, scorer, load_builtin(name, max_examples=48), f"{name}-lora", n=48)
+    tasks = [load_builtin(n, max_examples=40) for n in ("tweet_apple", "wordnet_pos")]
+    rep = route_eval(bank, scorer, tasks, ["retrieval"])
+    share = rep["routing"]["retrieval"]["overall"]  # [task][expert], per example, top-1
+    assert share[0][0] + share[0][1] > 0.8, share  # tweet_apple -> the tweet experts (0.98 measured)
+    assert share[1][2] > 0.8, share  # wordnet_pos -> the WordNet expert (0.90 measured)
+    assert {r["method"] for r in rep["rows"]} == {"zero-shot", "retrieval", "oracle expert", "majority"}
