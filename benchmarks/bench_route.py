@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this tree's m
 from common import save
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work" / "route"
+WORK_ROOT = ROOT / "benchmarks" / "work"
+WORK = WORK_ROOT / "route"  # the default config's; a config with `name: X` works under benchmarks/work/X
 
 
 def load_config(path) -> dict:
@@ -121,6 +122,9 @@ def main(argv=None):
     p.add_argument("--no-summary", action="store_true", help="eval: write the per-seed reports only")
     args = p.parse_args(argv)
     conf = load_config(args.config)
+    global WORK
+    if conf.get("name", "route_heldout") != "route_heldout":  # a variant keeps its banks and JSON apart
+        WORK = WORK_ROOT / str(conf["name"])
     seeds = args.seeds if args.seeds is not None else conf["seeds"]
     t0 = time.perf_counter()
     for s in seeds:
@@ -207,7 +211,7 @@ def evaluate_all(conf, seeds, args, elapsed):
                "expert_tasks": reports[0]["expert_tasks"], "multitask": reports[0]["multitask"],
                "tasks": reports[0]["tasks"], **summarise(reports, conf), "per_seed": reports,
                "eval_seconds": round(time.perf_counter() - t0, 1), "seconds_before_eval": round(elapsed, 1)}
-    save("route_heldout", payload, quiet=True)
+    save(str(conf.get("name", "route_heldout")), payload, quiet=True)
     print(markdown_table(payload))
 
 

@@ -23,8 +23,15 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write report.json, report.md and heatmaps here")
     args = ap.parse_args(argv)
 
-    from mtpeft import (TrainConfig, fit_centroid, fit_expert, fit_gates, load_builtin, merge_modules,
-                        route_eval)
+    from mtpeft import (
+        TrainConfig,
+        fit_centroid,
+        fit_expert,
+        fit_gates,
+        load_builtin,
+        merge_modules,
+        route_eval,
+    )
     from mtpeft.api import new_bank
 
     bank, scorer = new_bank("minilm")

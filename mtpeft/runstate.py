@@ -138,7 +138,7 @@ def _states(runs: Path) -> list[tuple[Path, dict]]:
     if not runs.is_dir():
         return []
     found = [(p, read_state(p)) for p in sorted(runs.glob("*.json"))]
-    return sorted(found, key=lambda ps: (ps[1]["started"], ps[0].name))
+    return sorted(found, key=lambda ps: (ps[1]["started"], len(ps[0].name), ps[0].name))  # "-2" after its base
 
 
 def _describe(path: Path, s: dict) -> str:
@@ -227,7 +227,11 @@ class Run:
         self._note_environment()
 
     def _start(self) -> None:
-        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+        base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+        run_id, n = base, 1
+        while (self.runs / f"{run_id}.json").exists():  # two runs of one process in one second (API, tests)
+            n += 1
+            run_id = f"{base}-{n}"
         self.path = self.runs / f"{run_id}.json"
         self.state = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running",
                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": self.config,

@@ -246,3 +246,20 @@ def test_a_folder_killed_before_its_first_commit_is_a_new_bank(tmp_path):
     (bank / "modules" / "mine.safetensors").write_bytes(b"a user's file")
     with pytest.raises(MtpeftError, match="not empty and is not a bank"):
         load_bank_or_new("tiny-bert", bank)
+
+
+def test_two_runs_in_one_second_keep_their_own_states(tmp_path):
+    """Run ids are time + pid: a second run of the same process in the same second must not overwrite the
+    first one's state (and the later one sorts last)."""
+    from mtpeft.runstate import Run, _states
+
+    conf = {"modules": ["m"], "x": 1}
+    paths = []
+    for _ in range(3):
+        with Run(tmp_path, conf) as run:
+            run._start()
+            paths.append(run.path)
+            run.state["status"] = "finished"
+            run._write()
+    assert len(set(paths)) == 3 and all(p.exists() for p in paths)
+    assert [p for p, _ in _states(tmp_path / "runs")] == paths
