@@ -150,13 +150,13 @@ def scorer_table(d: dict) -> list[str]:
     return out
 
 
-def route_table(d: dict) -> list[str]:
-    """Zero-shot routing on held-out tasks (`route_heldout.json`): mean ± std over the seeds."""
+def route_table(d: dict, name: str = "route_heldout") -> list[str]:
+    """Zero-shot routing on held-out tasks (`<name>.json`): mean ± std over the seeds."""
     c, names = d["config"], [t["task"] for t in d["tasks"]]
     order = ["zero-shot", "phatgoose", "arrow", "retrieval", "average", "merge-uniform", "merge-ties", "multitask",
              "oracle expert", "majority"]
     fmt = lambda v: f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
-    out = [(f"**Zero-shot routing on held-out tasks** (`route_heldout.json`; `{d['command']}`; seeds "
+    out = [(f"**Zero-shot routing on held-out tasks** (`{name}.json`; `{d['command']}`; seeds "
             f"{', '.join(map(str, d['seeds']))}; {c['backbone']}, LoRA r{c['options']['r']} experts on "
             f"{', '.join(f'`{t}`' for t in c['experts'])} (≤{c['max_train']} examples, {c['max_steps']} steps), "
             f"one multitask LoRA on their union; ≤{c['max_test']} test examples per task; accuracy %, mean ± std):"),
@@ -208,8 +208,9 @@ def render() -> str:
         parts.append(chooser_line(d))
     if (d := _load("scorer_smollm2")):
         parts.append(scorer_table(d))
-    if (d := _load("route_heldout")):
-        parts.append(route_table(d))
+    for name in ("route_heldout", "route_heldout_long"):
+        if (d := _load(name)):
+            parts.append(route_table(d, name))
     parts.append(goals(runs, inf, zs))
     return "\n\n".join("\n".join(p) for p in parts)
 
