@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import functools
 import time
 
 import torch
@@ -90,23 +90,6 @@ def use_our_prototypes(pm, bank, family: str) -> float:
     return worst
 
 
-def interleaved_cpu(contenders: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """``common.interleaved`` timed by this process's CPU time (``time.process_time``), not the wall clock: on a
-    machine shared with other jobs the wall clock also counts the time spent waiting for a core. With one
-    torch thread (``--threads 1``) the CPU time is the work done; more threads also count their spinning."""
-    for _ in range(warmup):
-        for f in contenders.values():
-            f()
-    items = list(contenders.items())
-    times = {k: [] for k in contenders}
-    for r in range(repeats):
-        for k, f in items[r % len(items):] + items[: r % len(items)]:
-            t = time.process_time()
-            f()
-            times[k].append((time.process_time() - t) * 1000)
-    return {k: round(statistics.median(v), 3) for k, v in times.items() if v}
-
-
 def profile(f, label: str, rows: int = 12) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -171,7 +154,7 @@ def main(argv=None):
                  for E in peft_models}
         print(f"{len(contenders)} contenders, {a.repeats} rounds after {a.warmup} warm-up; batch {B} x "
               f"{ids.shape[1]} tokens on {a.backbone}, {torch.get_num_threads()} threads", flush=True)
-        timer = interleaved if a.clock == "wall" else interleaved_cpu
+        timer = interleaved if a.clock == "wall" else functools.partial(interleaved, clock=time.process_time)
         ms = timer(contenders, repeats=a.repeats, warmup=a.warmup)
         mem = {k: peak_mib(f) for k, f in contenders.items()}
         if a.profile is not None:
