@@ -91,3 +91,31 @@ def test_minilm_route_sends_held_out_tweets_to_the_tweet_expert():
     assert share[0][0] + share[0][1] > 0.8, share  # tweet_apple -> the tweet experts (0.98 measured)
     assert share[1][2] > 0.8, share  # wordnet_pos -> the WordNet expert (0.90 measured)
     assert {r["method"] for r in rep["rows"]} == {"zero-shot", "retrieval", "oracle expert", "majority"}
+
+
+def test_smollm2_route_per_layer_routers_through_the_causal_scorer():
+    """`mtpeft route`'s evaluation on the real causal LM: per-layer routers (PHATGOOSE with briefly trained
+    gates, Arrow) route every one of SmolLM2's 30 layers through the causal scorer, and the recorded routing
+    mass is a distribution over the experts at every layer (accuracy is not the point: the experts are tiny)."""
+    import torch
+
+    from mtpeft import TrainConfig
+    from mtpeft.gates import fit_gates
+    from mtpeft.zeroshot import route_eval
+
+    bank, scorer = new_bank("smollm2")
+    cfg = TrainConfig(max_steps=2, batch_size=4, progress=False)
+    for name in ("tweet_airline", "wordnet_noun"):
+        bank.add(f"{name}-lora", "lora", {"r": 4}, task=name)
+        with torch.no_grad():  # a nonzero Delta W for Arrow's prototypes (B starts at zero)
+            for k, p in bank.module_parameters(f"{name}-lora").items():
+                if k.endswith("lora_B"):
+                    p.normal_(std=0.01, generator=torch.Generator().manual_seed(len(k)))
+        fit_gates(bank, scorer, load_builtin(name, max_examples=16), f"{name}-lora", cfg, steps=2)
+    rep = route_eval(bank, scorer, [load_builtin("tweet_apple", max_examples=8)], ["phatgoose", "arrow"])
+    for router in ("phatgoose", "arrow"):
+        per_layer = rep["routing"][router]["per_layer"]
+        assert len(per_layer) == 30, sorted(per_layer)
+        for layer, m in per_layer.items():
+            assert abs(sum(m[0]) - 1) < 1e-4, (router, layer, m)
+    assert {r["method"] for r in rep["rows"]} >= {"zero-shot", "phatgoose", "arrow", "oracle expert"}
