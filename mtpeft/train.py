@@ -90,14 +90,15 @@ def _quiet_lightning():
 
 def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = None, *, objective=None,
               router_lr: float | None = None, name: str = "phase", sampling: str = "proportional", labels=None,
-              callbacks: Sequence = ()) -> dict:
+              callbacks: Sequence = (), datamodule=None) -> dict:
     """Train whatever has ``requires_grad`` among the bank's modules and ``router``'s parameters on ``tasks``,
     routed by ``router``, minimising ``objective`` (default cross-entropy); keep the best validation state.
 
     ``name`` names the fit: its seed is ``fit_seed(cfg.seed, name)`` and, with ``cfg.run_dir``, its logs
     go to ``<run_dir>/<name>/metrics.csv``. On a failed or interrupted fit every trainable parameter is put
     back as it was. ``callbacks``: more Lightning callbacks (run before the one that keeps the best state).
-    Returns best_val_acc, best_epoch, steps, train_seconds, seed.
+    ``datamodule``: the batches (default: a ``TaskDataModule`` over ``tasks`` with ``sampling``); the task
+    ids of its batches index ``tasks``. Returns best_val_acc, best_epoch, steps, train_seconds, seed.
     """
     from .lightning import KeepBest, PhaseModule, TaskDataModule
     from .lightning.phase import NonFiniteLoss
@@ -109,8 +110,8 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
                          weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, labels=labels)
     module.param_groups()  # nothing to train: say so before Lightning starts
     seed = fit_seed(cfg.seed, name)
-    dm = TaskDataModule(tasks, batch_size=cfg.batch_size, sampling=sampling, seed=seed)
-    steps_per_epoch = -(-sum(len(t.splits["train"]) for t in tasks) // cfg.batch_size)
+    dm = datamodule or TaskDataModule(tasks, batch_size=cfg.batch_size, sampling=sampling, seed=seed)
+    steps_per_epoch = max(1, len(dm.train_dataloader()))
     if cfg.val_check_interval is None and cfg.max_steps > 0:
         # validate about once an epoch, at steps that land on the cap, so the last steps are not thrown away
         n_val = -(-cfg.max_steps // steps_per_epoch)

@@ -1,0 +1,143 @@
+"""What every continual strategy shares: the context it runs in, its hooks (avalanche's plugin idea:
+``before_task``, ``train_task``, ``after_task``), how it routes at test, and its saved state.
+
+A strategy is registered by name (``@register_strategy("seqft")``) in a file of its own. The runner calls,
+for each step ``i`` of the stream: ``before_task(i, task)``, ``train_task(i, task)``, ``after_task(i, task)``,
+then evaluates every task of the stream with ``eval_router(i)`` (None: the bare backbone) and writes the
+run's state. ``state_dict()`` is JSON (what is not in the bank or the memory, both saved beside it);
+``load_state_dict`` puts it back on resume, so a resumed run goes on exactly as the uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ...errors import MtpeftError
+from ...registry import Registry
+from ...routers import FixedRouter, Router
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def register_strategy(name: str):
+    """Class decorator: ``@register_strategy("replay")`` on a Strategy subclass."""
+
+    def deco(cls):
+        cls.name = name
+        return STRATEGIES.register(name)(cls)
+
+    return deco
+
+
+@dataclass
+class Context:
+    """What a strategy works with: the bank and scorer on a fresh backbone, the stream, the module type and
+    options every module it adds gets, the training settings, the replay memory (strategies with
+    ``uses_memory``) and this run's directory."""
+
+    bank: Any
+    scorer: Any
+    stream: Any
+    module_type: str
+    module_config: dict
+    train: Any  # TrainConfig
+    seed: int
+    memory: Any = None
+    run_dir: Path | None = None
+    progress: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+class Strategy:
+    name: ClassVar[str] = ""
+    uses_memory: ClassVar[bool] = False
+    sequential: ClassVar[bool] = True  # False: trains once on the whole stream (joint); no accuracy matrix
+    uses_task_id: ClassVar[bool] = False  # its test-time routing reads the task id (an oracle)
+    module_types: ClassVar[tuple[str, ...] | None] = None  # None: any module type
+    defaults: ClassVar[dict[str, Any]] = {}  # its options and their defaults
+
+    def __init__(self, ctx: Context, **options):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            known = ", ".join(self.defaults) or "none"
+            raise MtpeftError(f"strategy {self.name!r}: unknown option(s) {unknown}; it takes: {known}")
+        if self.module_types is not None and ctx.module_type not in self.module_types:
+            raise MtpeftError(f"strategy {self.name!r} works with module type(s) {', '.join(self.module_types)}, "
+                              f"not {ctx.module_type!r}; choose module: {self.module_types[0]}")
+        self.ctx = ctx
+        self.options = {**self.defaults, **options}
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Validate ``self.options`` (override; raise MtpeftError naming the option and the fix)."""
+
+    # ---- the hooks ----------------------------------------------------------------------------------
+    def before_task(self, step: int, task) -> None:
+        pass
+
+    def train_task(self, step: int, task) -> dict:
+        raise NotImplementedError
+
+    def after_task(self, step: int, task) -> None:
+        pass
+
+    def eval_router(self, step: int, task) -> Router | None:
+        """The router ``task`` is evaluated with after step ``step`` (None: the bare backbone). Only strategies
+        with ``uses_task_id`` may look at ``task`` to choose; the others route every task alike (the runner
+        passes them no task id either)."""
+        raise NotImplementedError
+
+    def eval_key(self, step: int, task):
+        """What ``task`` is evaluated with after step ``step`` when that can no longer change (frozen modules,
+        the same routing), as a hashable key: a cell evaluated with the same key and label space before is
+        not evaluated again. None (the default): evaluate every time."""
+        return
+
+    def train_stream(self) -> dict:
+        """Non-sequential strategies (``sequential = False``): train once on the whole stream."""
+        raise NotImplementedError
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def module_name(self, task=None) -> str:
+        """The name of the module for ``task`` (None: the one shared module)."""
+        t = self.ctx.module_type
+        return f"shared-{t}" if task is None else f"{task.name}-{t}"
+
+    def add_module(self, name: str, task=None, trainable: bool = True) -> None:
+        bank = self.ctx.bank
+        bank.freeze()
+        bank.add(name, self.ctx.module_type, dict(self.ctx.module_config), task=None if task is None else task.name,
+                 seed=self.ctx.seed)
+        if not trainable:
+            bank.freeze(name)
+
+    def fit(self, tasks, router: Router, name: str, step: int, **kw) -> dict:
+        """One fit through the Lightning phase, over the label space of step ``step``."""
+        from ...train import fit_phase
+
+        cfg = dataclasses.replace(self.ctx.train, progress=self.ctx.progress)
+        return fit_phase(self.ctx.bank, self.ctx.scorer, list(tasks), router, cfg, name=name,
+                         labels=self.ctx.stream.train_space(step), **kw)
+
+    def fit_name(self, task) -> str:
+        """The name of the fit of ``task`` (its seed derives from it and the run's seed, so a resumed run
+        trains exactly as an uninterrupted one)."""
+        return f"{self.name}-{task.name}"
+
+    def learnt(self, step: int) -> list:
+        """The tasks learnt up to and including step ``step``."""
+        return self.ctx.stream.tasks[: step + 1]
+
+
+def only(name: str) -> FixedRouter:
+    """Every example to module ``name`` with weight 1 (the single-expert fast path)."""
+    return FixedRouter({name: 1.0})
