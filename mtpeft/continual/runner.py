@@ -51,6 +51,7 @@ class ContinualRun:
         self.log = log or (lambda s: None)
         self._streams: dict[int, Stream] = {}
         self._cells: dict[int, dict] = {}  # seed -> evaluated cells that cannot change (see evaluate.row)
+        self._shared: dict[int, dict] = {}  # seed -> fits the strategies of that seed share (Context.shared)
 
     # ---- the run file ------------------------------------------------------------------------------
     def _open(self, strategies: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
@@ -163,7 +164,8 @@ class ContinualRun:
         from .strategies import Context
 
         ctx = Context(bank, scorer, stream, self.conf["module"], dict(self.conf["options"]),
-                      _train_config(self.conf, seed, folder / "logs"), seed, memory, folder, self.progress)
+                      _train_config(self.conf, seed, folder / "logs"), seed, memory, folder, self.progress,
+                      shared=self._shared.setdefault(seed, {}))
         strategy = cls(ctx, **self.conf["strategies"].get(name, {}))
         if state is not None:
             strategy.load_state_dict(state.get("state", {}))
@@ -214,7 +216,7 @@ class ContinualRun:
                            task_id=strategy.uses_task_id, key_of=key_of, cache=self._cells.setdefault(ctx.seed, {})))
         return {"task": task.name, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
                 "memory_s": round(ctx.timings["memory_s"], 3), "steps": fit.get("steps"),
-                "best_val_acc": fit.get("best_val_acc")}
+                "best_val_acc": fit.get("best_val_acc"), **({"reused": True} if fit.get("reused") else {})}
 
     def _commit(self, strategy, folder: Path, done: int, matrix, timings, n: int, accuracies=None) -> None:
         ctx = strategy.ctx

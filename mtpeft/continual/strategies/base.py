@@ -48,6 +48,7 @@ class Context:
     run_dir: Path | None = None
     progress: bool = False
     timings: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # fits shared by the strategies of one seed (see ExpertOracle)
 
 
 class Strategy:

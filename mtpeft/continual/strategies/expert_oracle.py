@@ -19,7 +19,23 @@ class ExpertOracle(Strategy):
         self.add_module(self.module_name(task), task)  # everything else frozen
 
     def train_task(self, step, task):
-        return self.fit([task], only(self.module_name(task)), self.fit_name(task), step)
+        """Train the task's expert; or, when another strategy of this seed has trained the same one already (the
+        same fit name and seed give bit-identical weights), copy it: expert-oracle and expert-router share it."""
+        import torch
+
+        name, key = self.module_name(task), ("expert", self.fit_name(task), self.ctx.stream.scenario)
+        params = self.ctx.bank.module_parameters(name)
+        if key in self.ctx.shared:
+            tensors, fit = self.ctx.shared[key]
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(tensors[k])
+            for _, stack in self.ctx.bank.stacks_of(name):
+                stack.invalidate()
+            return {**fit, "reused": True}
+        fit = self.fit([task], only(name), self.fit_name(task), step)
+        self.ctx.shared[key] = ({k: p.detach().clone() for k, p in params.items()}, fit)
+        return fit
 
     def after_task(self, step, task):
         name = self.module_name(task)
