@@ -231,3 +231,32 @@ def test_cli_eval_forgetting(tmp_path, capsys):
     assert main(["eval-forgetting", str(tmp_path / "nowhere")]) == 2
     assert "mtpeft: error: run directory" in capsys.readouterr().err
     assert main(["eval-forgetting", str(d), "--no-plots"]) == 2
+
+
+def test_nothing_finished_is_all_partial(tmp_path):
+    d = tmp_path
+    _write(d / "run.json", {"format": "mtpeft-continual-run", "version": 1,
+                            "stream": {"name": "s|x", "scenario": "class-il", "tasks": ["t|1", "t2"]},
+                            "strategies": ["seqft", "olora"], "seeds": [0], "config": {},
+                            "command": "mtpeft continual --name '```'", "baselines": {"majority": {"t2": 0.5}}})
+    _write(d / "runs/seqft/seed0/state.json", _state("seqft", 0, [[0.6, None]], None, "class-il", ["t|1", "t2"]))
+    r = write_report(d)
+    a = r["strategies"]["seqft"]
+    assert a["n_finished"] == 0 and all(v is None for v in a["mean"].values()) and a["matrix_mean"] is None
+    assert a["seeds"]["0"]["acc_curve"] == [0.6] and a["seeds"]["0"]["metrics"]["acc"] == pytest.approx(0.6)
+    assert r["baselines"]["zero_shot"] == {} and r["baselines"]["zero_shot_acc"] is None
+    assert sorted(p.split("/")[-1] for p in r["plots"]) == ["acc_curve.png", "metrics.png"]
+    md = (d / "report.md").read_text()
+    assert "| seqft | 0/1 | — | — | — | — | — | — |" in md
+    assert "seqft seed 0 (1/2 tasks done, ACC so far 60.0); olora seed 0 (0/2 tasks done, not started)" in md
+    assert "t\\|1" in md and "| t|1 |" not in md  # a '|' in a task name cannot break the table
+    assert "````sh\nmtpeft continual --name '```'\n````" in md  # the fence outgrows the command's backticks
+
+
+def test_negative_zero_and_help(capsys):
+    from mtpeft.continual.report_md import pp
+
+    assert pp(-0.0001) == "0.0" and pp(-0.0123, 0.004) == "-1.2 ± 0.4" and pp(None, 0.1) == "—"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "eval-forgetting" in capsys.readouterr().out

@@ -60,7 +60,8 @@ def _acc_curve(report: dict, plt):
     ax.set_ylabel("mean accuracy on the tasks seen so far (%)")
     ax.set_title(f"{report['stream']} ({report['scenario']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     return fig
 
 

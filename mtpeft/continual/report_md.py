@@ -20,7 +20,8 @@ def pp(mean: float | None, std: float | None = None) -> str:
     """``0.713, 0.012`` -> ``"71.3 ± 1.2"``; None -> "—"."""
     if mean is None:
         return DASH
-    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    m = f"{100 * mean:.1f}".replace("-0.0", "0.0")  # -0.0003 is no loss worth a sign
+    return m if std is None else f"{m} ± {100 * std:.1f}"
 
 
 def main_rows(report: dict) -> list[list[str]]:
