@@ -260,3 +260,23 @@ def test_negative_zero_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "eval-forgetting" in capsys.readouterr().out
+
+
+def test_zero_shot_from_the_untrained_file_before_any_state(tmp_path):
+    d = make_run(tmp_path, strategies=("seqft",), seeds=(0, 1))
+    for k in (0, 1):
+        (d / f"runs/seqft/seed{k}/state.json").unlink()
+    _write(d / "untrained/seed0.json", {"tasks": TASKS, "accuracies": [0.3, 0.6, None]})
+    b = build_report(d)["baselines"]
+    assert b["zero_shot"] == pytest.approx({"a": 0.3, "b": 0.6, "c": None}) and b["zero_shot_seeds"] == 1
+    assert b["zero_shot_acc"] == pytest.approx(0.45) and b["zero_shot_std"] is None
+    _write(d / "untrained/seed1.json", {"tasks": ["a", "b"], "accuracies": [0.3, 0.6]})
+    with pytest.raises(MtpeftError, match=r"seed1.json: not the untrained accuracies .* delete it"):
+        build_report(d)
+
+
+def test_command_not_recorded(tmp_path):
+    d = make_run(tmp_path)
+    _edit(d / "run.json", command="")
+    md = render_markdown(build_report(d))
+    assert "was not recorded" in md and "```" not in md

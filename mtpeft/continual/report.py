@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .matrix import METRICS, AccuracyMatrix
 from .report_md import format_metrics, render_markdown, summary_table
-from .rundir import JOINT, read_run, read_state
+from .rundir import JOINT, read_run, read_state, read_untrained
 
 FORMAT, VERSION = "mtpeft-continual-report", 1
 TIMES = ("train_s", "eval_s", "memory_s")
@@ -87,14 +87,15 @@ def _aggregate(seeds: dict[str, dict], strategy: str) -> dict:
     return out
 
 
-def _baselines(run: dict, states: dict, tasks: list[str]) -> dict:
+def _baselines(run_dir, run: dict, states: dict, tasks: list[str]) -> dict:
     """Majority class (from run.json) and zero-shot: the bare backbone's accuracy, per seed the first
-    strategy's ``untrained`` row (it is measured before any training, so partial runs count too)."""
+    strategy's ``untrained`` row (it is measured before any training, so partial runs count too), else
+    ``untrained/seed<k>.json``."""
     majority = run["baselines"]["majority"]
     per_seed = []
     for k in run["seeds"]:
         ms = [states[s][k]["matrix"] for s in run["strategies"] if s != JOINT and states[s][k] is not None]
-        b = next((m.untrained for m in ms if m.untrained is not None), None)
+        b = next((m.untrained for m in ms if m.untrained is not None), None) or read_untrained(run_dir, run, k)
         if b is not None:
             per_seed.append(b)
     zero = {t: _mean([b[j] for b in per_seed]) for j, t in enumerate(tasks)} if per_seed else {}
@@ -116,7 +117,7 @@ def build_report(run_dir: str | Path) -> dict:
                for s, a in strategies.items() for k, e in a["seeds"].items() if not e["finished"]]
     return {"format": FORMAT, "version": VERSION, "stream": run["stream"]["name"],
             "scenario": run["stream"]["scenario"], "tasks": tasks, "seeds": seeds, "command": run["command"],
-            "config": run.get("config", {}), "baselines": _baselines(run, states, tasks),
+            "config": run.get("config", {}), "baselines": _baselines(run_dir, run, states, tasks),
             "strategies": strategies, "partial": partial}
 
 

@@ -85,12 +85,19 @@ def _fence(text: str) -> str:
     return f"{ticks}sh\n{printable(text)}\n{ticks}"
 
 
+def _reproduce(command: str) -> list[str]:
+    if not command.strip():
+        return [("The command line was not recorded (the run was started from Python); its resolved config is "
+                 "`config` in report.json.")]
+    return ["Reproduce:", "", _fence(command)]
+
+
 def render_markdown(report: dict) -> str:
     tasks = report["tasks"]
     lines = [f"# Continual run: {_md_cell(report['stream'])} ({report['scenario']})", "",
              (f"Tasks in stream order: {' → '.join(map(_md_cell, tasks))}. "
               f"Seeds: {', '.join(map(str, report['seeds']))}. Strategies: {', '.join(report['strategies'])}."),
-             "", "Reproduce:", "", _fence(report["command"]), "", "## Results", "", summary_table(report), "",
+             "", *_reproduce(report["command"]), "", "## Results", "", summary_table(report), "",
              NOTE, ""]
     few = _fewer_seeds(report)
     if few:

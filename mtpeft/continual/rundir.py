@@ -150,3 +150,20 @@ def _reorder(m: AccuracyMatrix, tasks: list[str]) -> AccuracyMatrix:
     idx = [m.tasks.index(t) for t in tasks]
     re_ = lambda v: None if v is None else [v[i] for i in idx]
     return AccuracyMatrix(tasks, m.steps, [re_(r) for r in m.R], re_(m.untrained), re_(m.joint))
+
+
+def read_untrained(run_dir: str | Path, run: dict, seed: int) -> list[float] | None:
+    """``OUT/untrained/seed<k>.json`` (the bare backbone's accuracy per task, written before any strategy
+    runs), checked; None when absent. The report falls back on it while no state of the seed exists yet."""
+    from ..io import read_json
+
+    path = Path(run_dir) / "untrained" / f"seed{int(seed)}.json"
+    if not path.exists():
+        return None
+    d, tasks = read_json(path, what="untrained accuracies"), run["stream"]["tasks"]
+    _check(isinstance(d, dict) and d.get("tasks") == tasks and isinstance(d.get("accuracies"), list)
+           and len(d["accuracies"]) == len(tasks), path, f"not the untrained accuracies of the tasks {tasks}",
+           "delete it: `mtpeft continual --resume` measures it again")
+    _check(all(a is None or _is_acc(a) for a in d["accuracies"]), path,
+           f"accuracies {d['accuracies']!r} are not fractions in [0, 1]", "delete it: --resume measures it again")
+    return [float("nan") if a is None else float(a) for a in d["accuracies"]]
