@@ -74,7 +74,8 @@ def _metrics(report: dict, plt):
         pos = [k + (i - (len(metrics) - 1) / 2) * width for k in range(len(names))]
         means = [_pct(report["strategies"][s]["mean"][key]) for s in names]
         stds = [_pct(report["strategies"][s]["std"][key]) for s in names]
-        ax.bar(pos, means, width, yerr=[0.0 if math.isnan(s) else s for s in stds], capsize=3, label=label)
+        yerr = None if all(math.isnan(s) for s in stds) else [0.0 if math.isnan(s) else s for s in stds]
+        ax.bar(pos, means, width, yerr=yerr, capsize=3, label=label)  # no std (one seed): no error bar
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("percentage points")
