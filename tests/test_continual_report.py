@@ -243,6 +243,7 @@ def test_nothing_finished_is_all_partial(tmp_path):
     r = write_report(d)
     a = r["strategies"]["seqft"]
     assert a["n_finished"] == 0 and all(v is None for v in a["mean"].values()) and a["matrix_mean"] is None
+    json.dumps(r, allow_nan=False)  # a cell never evaluated is null, not NaN (which is not JSON)
     assert a["seeds"]["0"]["acc_curve"] == [0.6] and a["seeds"]["0"]["metrics"]["acc"] == pytest.approx(0.6)
     assert r["baselines"]["zero_shot"] == {} and r["baselines"]["zero_shot_acc"] is None
     assert sorted(p.split("/")[-1] for p in r["plots"]) == ["acc_curve.png", "metrics.png"]
@@ -270,6 +271,7 @@ def test_zero_shot_from_the_untrained_file_before_any_state(tmp_path):
     b = build_report(d)["baselines"]
     assert b["zero_shot"] == pytest.approx({"a": 0.3, "b": 0.6, "c": None}) and b["zero_shot_seeds"] == 1
     assert b["zero_shot_acc"] == pytest.approx(0.45) and b["zero_shot_std"] is None
+    json.dumps(b, allow_nan=False)
     _write(d / "untrained/seed1.json", {"tasks": ["a", "b"], "accuracies": [0.3, 0.6]})
     with pytest.raises(MtpeftError, match=r"seed1.json: not the untrained accuracies .* delete it"):
         build_report(d)
