@@ -92,7 +92,7 @@ def cmd_continual(args):
 
         print(json.dumps(report, indent=2))
     else:
-        from ..continual.report import summary_table
+        from ..continual.report_md import summary_table
 
         print(summary_table(report))
         print(f"\nreport: {Path(args.out) / 'report.md'}; plots: {Path(args.out) / 'plots'}")
