@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	test -f /usr/share/wordnet/data.noun || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base; }
 	touch $(STAMP)
 
-demo: setup
-	$(PY) examples/quickstart.py
+demo: setup  # a continual comparison on the tweets stream (configs/continual-demo.yaml)
+	$(PY) examples/continual_quickstart.py
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
