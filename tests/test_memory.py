@@ -330,6 +330,18 @@ def test_ivf_is_rebuilt_with_more_lists_as_the_memory_grows():
     assert set(ids.flatten().tolist()) <= set(mem.ids.tolist())
 
 
+def test_queries_of_any_float_layout_give_the_same_answer():
+    mem = ReplayMemory(16, 3000, exact_limit=1000)
+    fill(mem, unit(3000))
+    q = unit(6, seed=4)
+    want = mem.search(q, 5)
+    for other in (q.double(), q.T.contiguous().T, q.clone().requires_grad_(), q.numpy()):
+        got = mem.search(other, 5)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    with pytest.raises(MtpeftError, match="NaN"):
+        mem.search(torch.full((1, 16), float("inf")), 5)
+
+
 def test_fp16_lists_refuse_what_float16_cannot_hold():
     big = torch.full((1, 16), 1e5)
     mem = ReplayMemory(16, 10)

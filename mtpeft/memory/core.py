@@ -26,8 +26,10 @@ def as_matrix(x, dim: int | None, what: str) -> Tensor:
     if dim is not None and x.shape[1] != dim:
         raise MtpeftError(f"{what} have {x.shape[1]} dimensions, the memory holds {dim}-dimensional keys; embed "
                           "with the backbone the memory was built with")
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    if not torch.isfinite(x).all():
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        x = x.to("cpu", torch.float32).contiguous()
+    x = x.detach()
+    if not np.isfinite(x.numpy()).all():  # numpy: fewer dispatches than torch on a search's small input
         raise MtpeftError(f"{what} contain NaN or infinite values; check the backbone's outputs")
     return x
 

@@ -81,7 +81,7 @@ class IVFConfig:
 
 
 def _np(x: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().cpu().numpy())
+    return np.ascontiguousarray(x.numpy() if x.device.type == "cpu" and not x.requires_grad else x.detach().cpu().numpy())
 
 
 def _lists(cfg: IVFConfig, n: int) -> int:
@@ -251,8 +251,10 @@ class VectorIndex:
                               f"its exact_limit ({self.exact_limit}): no IVF index is built; search exactly")
         if (exact is None and self.approximate()) or exact is False:
             scores, ids = self.ivf.search(_np(q), k)
-            scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
-            return scores.masked_fill(ids < 0, float("-inf")), ids
+            missing = ids < 0
+            if missing.any():
+                scores[missing] = -np.inf
+            return torch.from_numpy(scores), torch.from_numpy(ids)
         kk = min(k, self.n)
         scores = torch.full((m, k), float("-inf"))
         ids = torch.full((m, k), -1, dtype=torch.int64)
