@@ -280,6 +280,10 @@ def test_a_fixed_nprobe_is_kept_and_its_recall_measured():
     st = mem.stats()["ivf"]
     assert st["nprobe"] == 2 and st["storage"] == "flat" and abs(st["recall"] - loo_recall(mem, 2)) < 1e-3
     assert type(mem.index.ivf).__name__ == "IndexIVFFlat"
+    wide = ReplayMemory(32, 3000, seed=0, exact_limit=1000, ivf=IVFConfig(nprobe=500))  # more than the lists
+    fill(wide, clustered(3000, spread=0.8))
+    st = wide.stats()["ivf"]
+    assert st["nprobe"] == st["nlist"] < 500 and st["recall"] == pytest.approx(loo_recall(wide, st["nlist"]), abs=1e-3)
 
 
 def test_ivf_path_recall_and_consistency_after_evictions():

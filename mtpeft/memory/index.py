@@ -108,7 +108,7 @@ def build_ivf(vecs: Tensor, ids: Tensor, cfg: IVFConfig):
     index.cp.max_points_per_centroid = cfg.train_per_list
     index.cp.min_points_per_centroid = 1
     index.train(_np(sample))  # the Python wrapper keeps ``quantizer`` alive as long as ``index``
-    index.nprobe = cfg.nprobe or 1
+    index.nprobe = min(cfg.nprobe or 1, nlist)
     if n:
         index.add_with_ids(_np(vecs), _np(ids))
     return index
@@ -125,11 +125,11 @@ def calibrate(index, vecs: Tensor, ids: Tensor, cfg: IVFConfig) -> tuple[int, fl
     """Set ``index.nprobe`` to ``cfg.nprobe``, or (None) to the smallest one whose recall@``calib_k``
     against exact search reaches ``cfg.target_recall`` (every list where none does), on ``calib_queries``
     stored vectors drawn with ``cfg.seed`` as queries, each one's own id left out of both answers.
-    Returns ``(nprobe, recall)``, the recall measured at that ``nprobe``."""
-    n = len(vecs)
+    Returns ``(nprobe, recall)``, the recall measured at that ``nprobe`` (at most ``index.nlist``)."""
+    n, fixed = len(vecs), None if cfg.nprobe is None else min(cfg.nprobe, index.nlist)
     k = min(cfg.calib_k, n - 1)
     if k < 1:
-        index.nprobe = cfg.nprobe or 1
+        index.nprobe = fixed or 1
         return index.nprobe, 1.0
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[: cfg.calib_queries]
     q, own = vecs[rows], ids[rows]
@@ -141,8 +141,8 @@ def calibrate(index, vecs: Tensor, ids: Tensor, cfg: IVFConfig) -> tuple[int, fl
         got = _others(torch.from_numpy(index.search(_np(q), k + 1)[1]), own, k)
         return round((got[:, :, None] == exact[:, None, :]).any(-1).float().mean().item(), 4)
 
-    if cfg.nprobe is not None:
-        return cfg.nprobe, recall_at(cfg.nprobe)
+    if fixed is not None:
+        return fixed, recall_at(fixed)
     # probing more lists scans a superset of vectors, so recall only grows with nprobe: double, then bisect
     lo, hi, r_hi = 0, 1, recall_at(1)
     while r_hi < cfg.target_recall and hi < index.nlist:

@@ -293,7 +293,7 @@ def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor, emb: torch.Tenso
         raise _bad(path, "its FAISS index holds other ids than its vectors file")
     if not np.array_equal(got_codes[order], _codes(index, np.ascontiguousarray(emb.numpy()[want]), storage)):
         raise _bad(path, "its FAISS index holds other vectors than its vectors file")
-    index.nprobe = m["ivf_state"]["nprobe"]
+    index.nprobe = min(m["ivf_state"]["nprobe"], index.nlist)  # what searching with more lists does
     return index
 
 
