@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mtpeft.errors import MtpeftError
 from mtpeft.memory import IVFConfig, ReplayMemory, StoragePolicy
-from mtpeft.memory.persist import MANIFEST
+from mtpeft.memory.persist import MANIFEST, _ivf_contents
 
 
 def unit(n, d=16, seed=0):
@@ -164,6 +164,13 @@ def test_bad_settings_are_refused():
         IVFConfig(nprobe=0)
     with pytest.raises(MtpeftError, match="nlist must be"):
         IVFConfig(nlist=0)
+    for bad in (0, 1.5, True, "0.9"):
+        with pytest.raises(MtpeftError, match="target_recall must be"):
+            IVFConfig(target_recall=bad)
+    with pytest.raises(MtpeftError, match="storage must be one of"):
+        IVFConfig(storage="pq")
+    with pytest.raises(MtpeftError, match="calib_k must be"):
+        IVFConfig(calib_k=0)
 
 
 def test_a_policy_that_misplaces_is_refused():
@@ -233,19 +240,84 @@ def test_reservoir_keeps_each_offer_with_probability_capacity_over_seen():
 
 
 # ---- approximate path ---------------------------------------------------------------------------------
+def recall_of(approx, exact):
+    return (approx[:, :, None] == exact[:, None, :]).any(-1).float().mean().item()
+
+
+def loo_recall(mem, nprobe, k=32, queries=256, seed=1234 + 1):
+    """Recall@k of the IVF index at ``nprobe`` on the calibration's queries (the same seeded rows), each
+    query's own id left out, computed here from scratch against brute force."""
+    x, ids = mem.embeddings(mem.ids), mem.ids
+    rows = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:queries]
+    q, own = x[rows], ids[rows]
+    exact = ids[torch.topk(q @ x.T, k + 1, dim=1).indices]
+    mem.index.ivf.nprobe, before = nprobe, mem.index.ivf.nprobe
+    got = torch.from_numpy(mem.index.ivf.search(q.numpy(), k + 1)[1])
+    mem.index.ivf.nprobe = before
+    hits = [len((set(g) - {o}) & (set(e) - {o})) for g, e, o in zip(got.tolist(), exact.tolist(), own.tolist())]
+    return sum(hits) / (len(rows) * k)
+
+
+def test_calibrated_nprobe_is_the_smallest_reaching_the_target_recall():
+    x = clustered(6000, spread=0.8)
+    mem = ReplayMemory(32, 5000, seed=0, exact_limit=1000)  # nprobe calibrated, target 0.95, fp16 lists
+    fill(mem, x[:5000])
+    st = mem.stats()["ivf"]
+    assert mem.stats()["search"] == "ivf" and st["storage"] == "fp16" and st["target_recall"] == 0.95
+    assert 1 < st["nprobe"] < st["nlist"]  # neither trivial nor exhaustive on this data
+    assert st["recall"] >= 0.95 and abs(st["recall"] - loo_recall(mem, st["nprobe"])) < 1e-3
+    assert loo_recall(mem, st["nprobe"] - 1) < 0.95  # the smallest such nprobe
+    q = x[5000:]  # 1000 held-out queries from the same clusters: the recall holds beyond the sample
+    assert recall_of(mem.search(q, 32)[1], mem.search(q, 32, exact=True)[1]) >= 0.93
+    strict = ReplayMemory(32, 5000, seed=0, exact_limit=1000, ivf=IVFConfig(target_recall=0.99))
+    fill(strict, x[:5000])
+    assert strict.stats()["ivf"]["nprobe"] > st["nprobe"] and strict.stats()["ivf"]["recall"] >= 0.99
+
+
+def test_a_fixed_nprobe_is_kept_and_its_recall_measured():
+    mem = ReplayMemory(32, 3000, seed=0, exact_limit=1000, ivf=IVFConfig(nprobe=2, storage="flat"))
+    fill(mem, clustered(3000, spread=0.8))
+    st = mem.stats()["ivf"]
+    assert st["nprobe"] == 2 and st["storage"] == "flat" and abs(st["recall"] - loo_recall(mem, 2)) < 1e-3
+    assert type(mem.index.ivf).__name__ == "IndexIVFFlat"
+    wide = ReplayMemory(32, 3000, seed=0, exact_limit=1000, ivf=IVFConfig(nprobe=500))  # more than the lists
+    fill(wide, clustered(3000, spread=0.8))
+    st = wide.stats()["ivf"]
+    assert st["nprobe"] == st["nlist"] < 500 and st["recall"] == pytest.approx(loo_recall(wide, st["nlist"]), abs=1e-3)
+
+
 def test_ivf_path_recall_and_consistency_after_evictions():
-    mem = ReplayMemory(32, 2500, seed=0, exact_limit=1000, ivf=IVFConfig(nprobe=16))
-    x = clustered(3000)
-    fill(mem, x)
+    mem = ReplayMemory(32, 2500, seed=0, exact_limit=1000)
+    x = clustered(3300)
+    fill(mem, x[:3000])  # 500 evictions on the IVF path
+    mem.remove(mem.ids[:100])
     assert mem.index.ivf is not None and mem.index.approximate()
-    assert mem.index.ivf.ntotal == len(mem) == 2500
-    q = clustered(32, seed=5)
+    assert mem.index.ivf.ntotal == len(mem) == 2400
+    assert sorted(_ivf_contents(mem.index.ivf)[0].tolist()) == sorted(mem.ids.tolist())  # the evicted are gone
+    q = x[3000:]
     _, approx = mem.search(q, 10)
     _, exact = mem.search(q, 10, exact=True)
     assert torch.equal(exact, brute(mem, q, 10)[1])
-    recall = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist())) / exact.numel()
-    assert recall >= 0.9
+    assert recall_of(approx, exact) >= 0.9
     assert set(approx[approx >= 0].tolist()) <= set(mem.ids.tolist())  # no evicted id comes back
+
+
+def test_recall_is_measured_again_once_the_contents_turned_over():
+    old, new = clustered(2000, seed=0), clustered(5000, seed=1, spread=0.6)  # other clusters arrive
+    mem = ReplayMemory(32, 2000, seed=0, exact_limit=1000)
+    fill(mem, old)
+    first = mem.stats()["ivf"]
+    assert first["calibrated_at"] == 2000 and first["writes"] == 0
+    written = 0
+    for i in range(0, 5000, 250):  # reservoir replacements, until as many writes as the index held
+        written += int((fill(mem, new[i:i + 250], task="u", start=i) >= 0).sum())
+        if written >= 2000:
+            break
+        assert mem.stats()["ivf"]["writes"] == written and mem.stats()["ivf"]["recall"] == first["recall"]
+    assert written >= 2000
+    st = mem.stats()["ivf"]
+    assert st["calibrated_at"] == 2000 and st["writes"] == 0 and st["built_at"] == first["built_at"]
+    assert st["recall"] >= 0.95 and abs(st["recall"] - loo_recall(mem, st["nprobe"])) < 1e-3
 
 
 def test_ivf_is_rebuilt_with_more_lists_as_the_memory_grows():
@@ -262,20 +334,48 @@ def test_ivf_is_rebuilt_with_more_lists_as_the_memory_grows():
     assert set(ids.flatten().tolist()) <= set(mem.ids.tolist())
 
 
+def test_queries_of_any_float_layout_give_the_same_answer():
+    mem = ReplayMemory(16, 3000, exact_limit=1000)
+    fill(mem, unit(3000))
+    q = unit(6, seed=4)
+    want = mem.search(q, 5)
+    for other in (q.double(), q.T.contiguous().T, q.clone().requires_grad_(), q.numpy()):
+        got = mem.search(other, 5)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    with pytest.raises(MtpeftError, match="NaN"):
+        mem.search(torch.full((1, 16), float("inf")), 5)
+
+
+def test_fp16_lists_refuse_what_float16_cannot_hold():
+    big = torch.full((1, 16), 1e5)
+    mem = ReplayMemory(16, 10)
+    with pytest.raises(MtpeftError, match="storage='flat'"):
+        mem.add(big, ["a"], [0], "t")
+    assert len(mem) == 0 and mem.next_id == 0  # nothing changed
+    flat = ReplayMemory(16, 10, ivf=IVFConfig(storage="flat"))
+    assert flat.add(big, ["a"], [0], "t").tolist() == [0]
+
+
 # ---- save / load --------------------------------------------------------------------------------------
-def make_saved(tmp, ivf=True, policy="task-balanced"):
-    mem = ReplayMemory(32, 300, policy, seed=4, exact_limit=200 if ivf else 10_000)
+def make_saved(tmp, ivf=True, policy="task-balanced", cfg=None):
+    mem = ReplayMemory(32, 300, policy, seed=4, exact_limit=200 if ivf else 10_000, ivf=cfg)
     for t in range(3):
         fill(mem, clustered(200, seed=t), task=f"task{t}")
     mem.save(tmp)
     return mem
 
 
-@pytest.mark.parametrize("ivf", [True, False])
-def test_reload_is_identical_and_goes_on_identically(tmp_path, ivf):
-    mem = make_saved(tmp_path, ivf)
+@pytest.mark.parametrize("ivf, storage", [(True, "fp16"), (True, "flat"), (False, "fp16")])
+def test_reload_is_identical_and_goes_on_identically(tmp_path, ivf, storage):
+    mem = make_saved(tmp_path, ivf, cfg=IVFConfig(storage=storage))
+    fill(mem, clustered(10, seed=30), task="task7")  # a new task: its examples evict, 10 writes
+    mem.save(tmp_path)
     back = ReplayMemory.load(tmp_path)
     assert (back.index.ivf is not None) == ivf
+    assert back.stats() == mem.stats() and back.index.cfg == mem.index.cfg
+    if ivf:  # the calibration came back: nprobe, the recall measured, the writes counted towards the next
+        assert mem.stats()["ivf"]["recall"] >= 0.95 and mem.stats()["ivf"]["writes"] > 0
+        assert back.index.ivf.nprobe == mem.index.ivf.nprobe
     q = clustered(16, seed=9)
     for exact in (None, True):
         s1, i1 = mem.search(q, 12, exact=exact)
@@ -286,6 +386,39 @@ def test_reload_is_identical_and_goes_on_identically(tmp_path, ivf):
     assert torch.equal(fill(mem, more, task="task3"), fill(back, more, task="task3"))
     assert torch.equal(mem.sample(10), back.sample(10))
     assert torch.equal(mem.search(q, 12)[1], back.search(q, 12)[1])
+    assert back.stats() == mem.stats()
+
+
+def test_a_version_1_memory_still_loads(tmp_path):
+    """Version 1 wrote float32 lists with a fixed nprobe and no calibration: it loads as it was, is saved as
+    version 2, and its recall is measured at the next add."""
+    mem = make_saved(tmp_path, cfg=IVFConfig(storage="flat", nprobe=3))
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    v1 = {k: m["ivf"][k] for k in ("nlist", "nprobe", "train_per_list", "niter", "seed", "regrow", "max_nlist")}
+    del m["ivf_state"]
+    m.update(version=1, ivf=v1)
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    back = ReplayMemory.load(tmp_path)
+    st = back.stats()["ivf"]
+    assert st["nprobe"] == 3 and st["storage"] == "flat" and st["recall"] is None and back.index.cfg.nprobe == 3
+    q = clustered(16, seed=9)
+    assert torch.equal(back.search(q, 12)[1], mem.search(q, 12)[1])
+    fill(back, clustered(20, seed=12), task="task5")
+    assert back.stats()["ivf"]["recall"] is not None and back.stats()["ivf"]["calibrated_at"] == len(back)
+    back.save(tmp_path)
+    assert json.loads((tmp_path / MANIFEST).read_text())["version"] == 2
+    assert ReplayMemory.load(tmp_path).stats() == back.stats()
+
+
+def test_a_version_1_manifest_naming_an_fp16_index_is_refused(tmp_path):
+    make_saved(tmp_path)  # fp16 lists, which version 1 never wrote
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    m.update(version=1, ivf={k: m["ivf"][k] or 4 for k in ("nlist", "nprobe", "train_per_list", "niter", "seed",
+                                                           "regrow", "max_nlist")})
+    del m["ivf_state"]
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(MtpeftError, match="expected a trained inner-product IndexIVFFlat"):
+        ReplayMemory.load(tmp_path)
 
 
 def test_save_replaces_old_files_and_leaves_only_the_current_ones(tmp_path):
@@ -379,7 +512,7 @@ def edit_manifest(d, fn):
 
 @pytest.mark.parametrize("fn, match", [
     (lambda m: m.update(format="x"), "not a replay memory manifest"),
-    (lambda m: m.update(version=2), "format version 2"),
+    (lambda m: m.update(version=3), "format version 3"),
     (lambda m: m.update(dim=0), "'dim' must be an integer >= 1"),
     (lambda m: m.update(size=10_000), "exceeds the capacity"),
     (lambda m: m.update(size=m["size"] - 1), "expected int64"),
@@ -393,8 +526,16 @@ def edit_manifest(d, fn):
     (lambda m: m["policy"].update(state={"seen": {"task0": -1}}), "integer >= 0"),
     (lambda m: m["policy"].update(state={"seen": 3}), "policy state must be"),
     (lambda m: m["rng"].update(policy=[3, [1, 2], None]), "random state is invalid"),
-    (lambda m: m["ivf"].update(nprobe=0), "'ivf' must hold"),
+    (lambda m: m["ivf"].update(nprobe=0), "'ivf': IVFConfig: nprobe must be"),
+    (lambda m: m["ivf"].update(storage="pq"), "storage must be one of"),
+    (lambda m: m["ivf"].update(target_recall=1.5), "target_recall must be"),
+    (lambda m: m["ivf"].pop("calib_k"), "'ivf' must hold"),
     (lambda m: m.update(ivf_built_at=0), "an index file is named"),
+    (lambda m: m.update(ivf_state=None), "'ivf_state' is null but an index file is named"),
+    (lambda m: m["ivf_state"].update(nprobe=0), "'ivf_state' must hold"),
+    (lambda m: m["ivf_state"].update(recall=1.5), "'ivf_state' must hold"),
+    (lambda m: m["ivf_state"].update(writes="3"), "'ivf_state' must hold"),
+    (lambda m: m.update(version=1), r"\(version 1\) field 'ivf' must hold"),
 ])
 def test_bad_manifests_are_refused(saved, fn, match):
     d = copy_of(saved)
@@ -481,8 +622,9 @@ def test_embed_texts_is_the_banks_pooled_embedding():
 @pytest.mark.parametrize("change, match", [
     ("vector", "other vectors"),
     ("id", "other ids"),
-    ("drop", "expected a trained inner-product IndexIVFFlat"),
-    ("flat", "expected a trained inner-product IndexIVFFlat"),
+    ("drop", "expected a trained inner-product IndexIVFScalarQuantizer"),
+    ("flat", "expected a trained inner-product IndexIVFScalarQuantizer"),
+    ("sq8", "expected a trained inner-product IndexIVFScalarQuantizer \\(fp16"),
 ])
 def test_an_index_that_disagrees_with_the_vectors_is_refused(saved, change, match):
     import faiss
@@ -501,6 +643,11 @@ def test_an_index_that_disagrees_with_the_vectors_is_refused(saved, change, matc
             ivf.add_with_ids(vec, victim + 10**6)
         elif change == "flat":
             ivf = faiss.IndexFlatIP(ivf.d)
+        elif change == "sq8":  # the same lists, 8-bit codes: not what storage="fp16" built
+            sq8 = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(ivf.d), ivf.d, ivf.nlist,
+                                                faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False)
+            sq8.train(np.random.default_rng(0).standard_normal((500, ivf.d)).astype(np.float32))
+            ivf = sq8
         f.write_bytes(faiss.serialize_index(ivf).tobytes())
         reseal(d, "index")
         with pytest.raises(MtpeftError, match=match):

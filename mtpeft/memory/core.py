@@ -26,8 +26,10 @@ def as_matrix(x, dim: int | None, what: str) -> Tensor:
     if dim is not None and x.shape[1] != dim:
         raise MtpeftError(f"{what} have {x.shape[1]} dimensions, the memory holds {dim}-dimensional keys; embed "
                           "with the backbone the memory was built with")
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    if not torch.isfinite(x).all():
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        x = x.to("cpu", torch.float32).contiguous()
+    x = x.detach()
+    if not np.isfinite(x.numpy()).all():  # numpy: fewer dispatches than torch on a search's small input
         raise MtpeftError(f"{what} contain NaN or infinite values; check the backbone's outputs")
     return x
 
@@ -37,7 +39,9 @@ class ReplayMemory:
     make inner product the cosine), at most ``capacity`` of them, kept by ``policy`` (``"reservoir"``,
     ``"task-balanced"``, ``"class-balanced"`` or a :class:`StoragePolicy`). Every added example gets an
     int64 id that stays its own until it is evicted and is never given again. Searches run exactly below
-    ``exact_limit`` stored examples and through a FAISS IVF index from there on (see ``index.py``).
+    ``exact_limit`` stored examples and through a FAISS IVF index from there on, whose ``nprobe`` is
+    calibrated to a target recall against exact search (``ivf``: :class:`IVFConfig`; see ``index.py``;
+    ``stats()`` reports the measured recall).
     Everything random (policy, sampling) comes from ``seed`` and is saved, so a reloaded memory goes on
     exactly as the original would have."""
 
@@ -101,6 +105,7 @@ class ReplayMemory:
         keep it (rejected, or evicted again by a later example of the same call)."""
         examples = make_examples(texts, labels, tasks, spaces)
         emb = as_matrix(embeddings, self.dim, "memory.add: the embeddings")
+        self.index.check(emb, "memory.add: the embeddings")
         if emb.shape[0] != len(examples):
             raise MtpeftError(f"memory.add got {emb.shape[0]} embeddings for {len(examples)} examples; give one "
                               "embedding row per example")
@@ -210,6 +215,13 @@ class ReplayMemory:
             raise MtpeftError(f"sample: n must be an integer >= 0, got {n!r}")
         rows = self._sample_rng.sample(range(len(self)), min(n, len(self)))
         return torch.tensor([self._ids[r] for r in rows], dtype=torch.int64)
+
+    def stats(self) -> dict:
+        """Size, capacity, the path a search takes now (``"exact"`` or ``"ivf"``) and the IVF index's state
+        (``nlist``, ``nprobe``, ``recall``: recall@``k`` against exact search measured at that ``nprobe``
+        on stored vectors when it was last calibrated, at ``calibrated_at`` vectors; None before it is built)."""
+        return {"size": len(self), "capacity": self.capacity, "dim": self.dim, "exact_limit": self.index.exact_limit,
+                "search": "ivf" if self.index.approximate() else "exact", "ivf": self.index.state()}
 
     # ---- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -2,11 +2,17 @@
 
 A memory directory holds::
 
-    manifest.json                      the one commit point: format, version, settings, policy and rng
-                                       states, and {file, sha256} of each file below
+    manifest.json                      the one commit point: format, version, settings, the IVF index's
+                                       calibration (nprobe, measured recall), policy and rng states, and
+                                       {file, sha256} of each file below
     vectors.<sha16>.safetensors        ``ids`` int64 [n] and ``embeddings`` float32 [n, dim], in row order
     payloads.<sha16>.json              the examples, [text, label id, task, label space] per row
-    index.<sha16>.faiss                the IVF index in FAISS's own format (only once it is built)
+    index.<sha16>.faiss                the IVF index in FAISS's own format (only once it is built):
+                                       IndexIVFScalarQuantizer fp16 or IndexIVFFlat, as ``ivf.storage``
+
+Version 2 (this one) added ``ivf.storage`` and the calibration settings and ``ivf_state``; version 1
+memories (float32 lists, a fixed ``nprobe``) still load as they were, their recall measured at the next
+add, and are saved as version 2.
 
 Files are named by their content and written first (atomically); then ``manifest.json`` is replaced (the
 commit); then files it does not name are deleted. A crash leaves the old memory or the new one. One
@@ -16,7 +22,7 @@ Loading checks, before building anything: the manifest (format, version, every f
 each file's name (a plain name in the directory, no symlink) and sha256, the vectors (keys, dtypes,
 shapes, finite values, distinct ids below ``next_id``), the payloads (one well-formed example per row),
 the policy and rng states, and the FAISS index (its type, dimension, metric, trained, and exactly the
-stored ids). Any problem is an ``MtpeftError`` naming the file and the fix.
+stored ids and vectors, encoded as its storage encodes them). Any problem is an ``MtpeftError`` naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -34,9 +40,9 @@ from ..errors import MtpeftError
 from ..io import read_json, write_bytes, write_json
 from ..lock import DirLock
 from .example import Example
-from .index import IVFConfig
+from .index import IVFConfig, VectorIndex
 
-FORMAT, VERSION = "mtpeft-memory", 1
+FORMAT, VERSION = "mtpeft-memory", 2
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^(vectors|payloads|index)\.[0-9a-f]{16}\.(safetensors|json|faiss)$")
 _EXT = {"vectors": "safetensors", "payloads": "json", "index": "faiss"}
@@ -82,14 +88,12 @@ def _save(mem, path: Path) -> None:
              "payloads": _put(path, "payloads", json.dumps([e.to_json() for e in mem._examples]).encode())}
     if mem.index.ivf is not None:
         files["index"] = _put(path, "index", faiss.serialize_index(mem.index.ivf).tobytes())
-    cfg = mem.index.cfg
+    state = mem.index.state()
     manifest = {
         "format": FORMAT, "version": VERSION, "dim": mem.dim, "capacity": mem.capacity, "size": len(mem),
         "next_id": mem.next_id, "seed": mem.seed, "exact_limit": mem.index.exact_limit,
-        "ivf": {"nlist": cfg.nlist, "nprobe": cfg.nprobe, "train_per_list": cfg.train_per_list,
-                "niter": cfg.niter, "seed": cfg.seed, "regrow": cfg.regrow,
-                "max_nlist": cfg.max_nlist},
-        "ivf_built_at": mem.index.built_at,
+        "ivf": mem.index.cfg.to_json(), "ivf_built_at": mem.index.built_at,
+        "ivf_state": None if state is None else {k: state[k] for k in _STATE},
         "policy": {"name": mem.policy.name, "state": mem.policy.state_dict()},
         "rng": {"policy": _rng_state(mem._policy_rng), "sample": _rng_state(mem._sample_rng)},
         "files": files,
@@ -120,6 +124,44 @@ def _int(m: dict, key: str, path: Path, lo: int = 0) -> int:
     return v
 
 
+_STATE = ("nprobe", "recall", "calibrated_at", "writes")
+_V1_IVF = {"nlist", "nprobe", "train_per_list", "niter", "seed", "regrow", "max_nlist"}
+
+
+def _from_v1(m: dict, path: Path) -> dict:
+    """A version-1 manifest as version 2: float32 lists, its fixed nprobe, recall not measured yet."""
+    ivf = m.get("ivf")
+    if not isinstance(ivf, dict) or set(ivf) != _V1_IVF:
+        raise _bad(path, f"{MANIFEST} (version 1) field 'ivf' must hold {sorted(_V1_IVF)}, got {str(ivf)[:120]}")
+    m["ivf"] = {**IVFConfig().to_json(), **ivf, "storage": "flat"}
+    built = "index" in (m.get("files") or {})
+    m["ivf_state"] = {"nprobe": ivf["nprobe"], "recall": None, "calibrated_at": 0, "writes": 0} if built else None
+    return m
+
+
+def _check_ivf(m: dict, path: Path) -> None:
+    ivf, keys = m.get("ivf"), set(IVFConfig().to_json())
+    if not isinstance(ivf, dict) or set(ivf) != keys:
+        raise _bad(path, f"{MANIFEST} field 'ivf' must hold {sorted(keys)}, got {str(ivf)[:120]}")
+    try:
+        IVFConfig(**ivf)
+    except MtpeftError as e:
+        raise _bad(path, f"{MANIFEST} field 'ivf': {e}") from None
+    st, built = m.get("ivf_state"), "index" in (m.get("files") or {})
+    if built != (m["ivf_built_at"] > 0) or built != (st is not None):
+        raise _bad(path, f"{MANIFEST}: 'ivf_built_at' is {m['ivf_built_at']}, 'ivf_state' is "
+                         f"{'set' if st is not None else 'null'} but an index file is {'named' if built else 'not named'}")
+    if st is None:
+        return
+    ok = isinstance(st, dict) and set(st) == set(_STATE) and all(
+        isinstance(st[k], int) and not isinstance(st[k], bool) and st[k] >= (k == "nprobe")
+        for k in ("nprobe", "calibrated_at", "writes"))
+    rec = st.get("recall") if isinstance(st, dict) else None
+    if not ok or not (rec is None or (isinstance(rec, (int, float)) and not isinstance(rec, bool) and 0 <= rec <= 1)):
+        raise _bad(path, f"{MANIFEST} field 'ivf_state' must hold integers nprobe >= 1, calibrated_at, writes >= 0 "
+                         f"and recall in [0, 1] or null, got {str(st)[:120]}")
+
+
 def read_memory_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not (path / MANIFEST).is_file():
@@ -128,23 +170,17 @@ def read_memory_manifest(path: str | Path) -> dict:
     m = read_json(path / MANIFEST, what="replay memory manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise _bad(path, f"{MANIFEST} is not a replay memory manifest (format {FORMAT!r})")
-    if m.get("version") != VERSION:
-        raise _bad(path, f"format version {m.get('version')!r}, this mtpeft reads version {VERSION}",
+    if m.get("version") not in (1, VERSION):
+        raise _bad(path, f"format version {m.get('version')!r}, this mtpeft reads versions 1 and {VERSION}",
                    "upgrade mtpeft or re-create the memory")
     for key, lo in (("dim", 1), ("capacity", 1), ("size", 0), ("next_id", 0), ("exact_limit", 1), ("seed", 0),
                     ("ivf_built_at", 0)):
         _int(m, key, path, lo)
     if m["size"] > m["capacity"] or m["size"] > m["next_id"]:
         raise _bad(path, f"size {m['size']} exceeds the capacity {m['capacity']} or the ids given ({m['next_id']})")
-    ivf = m.get("ivf")
-    keys = {"nlist", "nprobe", "train_per_list", "niter", "seed", "regrow", "max_nlist"}
-    if not isinstance(ivf, dict) or set(ivf) != keys or not all(
-            (isinstance(ivf[k], int) and not isinstance(ivf[k], bool) and ivf[k] >= (0 if k in ("seed", "regrow") else 1))
-            or (k == "nlist" and ivf[k] is None) for k in keys):
-        raise _bad(path, f"{MANIFEST} field 'ivf' must hold integers {sorted(keys)}, got {str(ivf)[:120]}")
-    if ("index" in (m.get("files") or {})) != (m["ivf_built_at"] > 0):
-        raise _bad(path, f"{MANIFEST}: 'ivf_built_at' is {m['ivf_built_at']} but an index file is "
-                         f"{'named' if 'index' in (m.get('files') or {}) else 'not named'}")
+    if m["version"] == 1:
+        m = _from_v1(m, path)
+    _check_ivf(m, path)
     pol = m.get("policy")
     if not isinstance(pol, dict) or not isinstance(pol.get("name"), str) or "state" not in pol:
         raise _bad(path, f"{MANIFEST} field 'policy' must be {{'name': ..., 'state': ...}}")
@@ -206,18 +242,33 @@ def _payloads(path: Path, data: bytes, n: int) -> list[Example]:
     return [Example.from_json(r, f"replay memory {path}: payloads") for r in rows]
 
 
-def _ivf_contents(ivf, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every (id, vector) an IndexIVFFlat holds, list after list."""
+def _ivf_contents(ivf) -> tuple[np.ndarray, np.ndarray]:
+    """Every (id, code) an IVF index holds, list after list: ids [n], codes uint8 [n, code_size]."""
     import faiss
 
-    lists, ids, vecs = ivf.invlists, [np.empty(0, dtype=np.int64)], [np.empty((0, dim), dtype=np.float32)]
+    lists = ivf.invlists
+    ids, codes = [np.empty(0, dtype=np.int64)], [np.empty((0, lists.code_size), dtype=np.uint8)]
     for i in range(ivf.nlist):
         n = lists.list_size(i)
         if n:
             ids.append(faiss.rev_swig_ptr(lists.get_ids(i), n).copy())
-            codes = faiss.rev_swig_ptr(lists.get_codes(i), n * lists.code_size).copy()
-            vecs.append(codes.view(np.float32).reshape(n, dim))
-    return np.concatenate(ids), np.concatenate(vecs)
+            codes.append(faiss.rev_swig_ptr(lists.get_codes(i), n * lists.code_size).copy().reshape(n, -1))
+    return np.concatenate(ids), np.concatenate(codes)
+
+
+def _right_kind(index, storage: str) -> tuple[bool, str]:
+    """Whether ``index`` is the kind ``storage`` builds, and that kind's name."""
+    import faiss
+
+    if storage == "flat":
+        return type(index) is faiss.IndexIVFFlat, "IndexIVFFlat"
+    return (type(index) is faiss.IndexIVFScalarQuantizer and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+            and not index.by_residual), "IndexIVFScalarQuantizer (fp16, not by residual)"
+
+
+def _codes(index, emb: np.ndarray, storage: str) -> np.ndarray:
+    """What the index stores for ``emb``: its float32 bytes, or its float16 encoding by the index's own SQ."""
+    return emb.view(np.uint8).reshape(len(emb), -1) if storage == "flat" else index.sq.compute_codes(emb)
 
 
 def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor, emb: torch.Tensor):
@@ -230,17 +281,19 @@ def _index(path: Path, data: bytes, m: dict, ids: torch.Tensor, emb: torch.Tenso
         ivf = faiss.try_extract_index_ivf(index)
     except (RuntimeError, MemoryError, ValueError, TypeError) as e:
         raise _bad(path, f"its FAISS index file cannot be read ({str(e).splitlines()[0][:200]})") from None
-    if (not isinstance(index, faiss.IndexIVFFlat) or index.d != m["dim"] or not index.is_trained
+    storage = m["ivf"]["storage"]
+    right, name = _right_kind(index, storage)
+    if (not right or index.d != m["dim"] or not index.is_trained
             or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal != m["size"]):
         raise _bad(path, f"its FAISS index is a {type(index).__name__} over {index.ntotal} vectors of dim {index.d}, "
-                         f"expected a trained inner-product IndexIVFFlat over {m['size']} of dim {m['dim']}")
-    got_ids, got_vecs = _ivf_contents(ivf, m["dim"])
+                         f"expected a trained inner-product {name} over {m['size']} of dim {m['dim']}")
+    got_ids, got_codes = _ivf_contents(ivf)
     order, want = np.argsort(got_ids), np.argsort(ids.numpy())
     if not np.array_equal(got_ids[order], ids.numpy()[want]):
         raise _bad(path, "its FAISS index holds other ids than its vectors file")
-    if not np.array_equal(got_vecs[order], emb.numpy()[want]):
+    if not np.array_equal(got_codes[order], _codes(index, np.ascontiguousarray(emb.numpy()[want]), storage)):
         raise _bad(path, "its FAISS index holds other vectors than its vectors file")
-    index.nprobe = m["ivf"]["nprobe"]
+    index.nprobe = min(m["ivf_state"]["nprobe"], index.nlist)  # what searching with more lists does
     return index
 
 
@@ -250,6 +303,10 @@ def load_memory(cls, path: str | Path):
     path = Path(path)
     m = read_memory_manifest(path)
     ids, emb = _vectors(path, _read(path, m["files"]["vectors"], "vectors"), m)
+    try:
+        VectorIndex(m["dim"], m["exact_limit"], IVFConfig(**m["ivf"])).check(emb, "its embeddings")
+    except MtpeftError as e:
+        raise _bad(path, str(e)) from None
     examples = _payloads(path, _read(path, m["files"]["payloads"], "payloads"), m["size"])
     index = _index(path, _read(path, m["files"]["index"], "index"), m, ids, emb) if "index" in m["files"] else None
     try:
@@ -265,6 +322,9 @@ def load_memory(cls, path: str | Path):
     mem.index._reserve(len(ids))
     mem.index._emb[: len(ids)], mem.index._ids[: len(ids)], mem.index.n = emb, ids, len(ids)
     mem.index.ivf, mem.index.built_at = index, m["ivf_built_at"]
+    if index is not None:
+        st = m["ivf_state"]
+        mem.index.recall, mem.index.calibrated_at, mem.index.writes = st["recall"], st["calibrated_at"], st["writes"]
     mem._restore(ids.tolist(), examples)
     return mem
 
