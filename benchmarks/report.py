@@ -172,6 +172,55 @@ def route_table(d: dict, name: str = "route_heldout") -> list[str]:
     return out
 
 
+CONTINUAL_ORDER = ["seqft", "replay", "olora", "expert-router", "expert-oracle", "joint"]
+
+
+def continual_table(d: dict, name: str) -> list[str]:
+    """A continual comparison (`continual_<name>.json`): mean ± std over seeds, with the baselines."""
+    c = d["config"]
+    pm = lambda m, k: "—" if m["mean"].get(k) is None else (
+        f"{100 * m['mean'][k]:.1f}" + ("" if m["std"].get(k) is None else f" ± {100 * m['std'][k]:.1f}"))
+    strategies = sorted(d["strategies"], key=lambda s: CONTINUAL_ORDER.index(s) if s in CONTINUAL_ORDER else 99)
+    out = [(f"**Continual: `{c['stream'] or 'custom'}` stream, {d['scenario']}** (`continual_{name}.json`; "
+            f"`{d['command']}`; seeds {', '.join(map(str, d['seeds']))}; {c['backbone']}, {c['module']} "
+            f"r{c['options'].get('r', '')}, ≤{c['max_train']} training and ≤{c['max_eval']} test examples per task, "
+            f"{c['max_steps']} steps of {c['batch_size']} per task; tasks in order: "
+            f"{' → '.join(f'`{t}`' for t in d['tasks'])}; percentage points, mean ± std):"),
+           "", "| strategy | ACC | BWT | FWT | forgetting | intransigence | s per seed (train / eval / memory) |",
+           "|---|---|---|---|---|---|---|"]
+    for s in strategies:
+        m = d["strategies"][s]
+        t = d["time_split"].get(s, {})
+        tm = f"{t['train_s']:.0f} / {t['eval_s']:.0f} / {t['memory_s']:.0f}" if t else "—"
+        if t.get("tasks_reused"):
+            tm += " (experts reused from expert-oracle)"
+        out.append(f"| {s} | " + " | ".join(pm(m, k) for k in ("acc", "bwt", "fwt", "forgetting", "intransigence"))
+                   + f" | {tm} |")
+    b = d["baselines"]
+    zs = "—" if b.get("zero_shot_acc") is None else f"{100 * b['zero_shot_acc']:.1f}" + (
+        "" if b.get("zero_shot_std") is None else f" ± {100 * b['zero_shot_std']:.1f}")
+    out.append(f"| zero-shot (bare backbone) | {zs} | — | — | — | — | |")
+    out.append(f"| majority class | {100 * b['majority_acc']:.1f} | — | — | — | — | |")
+    return out
+
+
+def memory_table(d: dict) -> list[str]:
+    """Replay-memory search (`memory.json`): 32 queries, k = 32, CPU ms per search, against torch."""
+    out = [(f"**Replay memory search** (`memory.json`; 32 queries, k = 32, d = 384, clustered keys, "
+            f"{d['config']['threads']} thread, CPU ms per search (this process's CPU time: the machine was shared, "
+            f"1-minute load average {d['load_avg_start'][0]} → {d['load_avg_end'][0]} on 2 cores); goal: approximate "
+            "search at 1e5 under 2 ms with recall ≥ 0.95):"), "",
+           "| items | torch matmul + top-k | memory (default path) | its recall@32 | FAISS flat | adds/s |",
+           "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        ivf = r.get("memory_ivf")
+        path = "exact" if not ivf else f"IVF {ivf['nlist']} lists, nprobe {ivf['nprobe']} (calibrated), fp16"
+        flat = f"{r['faiss_flat_cpu_ms']:.1f}" if "faiss_flat_cpu_ms" in r else "—"
+        out.append(f"| {r['items']:,} | {r['torch_matmul_topk_cpu_ms']:.1f} | {r['memory_auto_cpu_ms']:.2f} ({path}) "
+                   f"| {r['recall_memory_auto']:.3f} | {flat} | {r['adds_per_s_fill']:,.0f} |")
+    return out
+
+
 def goals(train_runs: list[dict], inf: dict | None, zs: dict | None = None) -> list[str]:
     out = ["Goals from the issue (goals, not asserts):", ""]
     for d in train_runs:
@@ -190,6 +239,11 @@ def goals(train_runs: list[dict], inf: dict | None, zs: dict | None = None) -> l
 
 def render() -> str:
     parts: list[list[str]] = []
+    for name in ("tweets", "mixed-cil", "mixed-til", "demo"):
+        if (d := _load(f"continual_{name}")):
+            parts.append(continual_table(d, name))
+    if (d := _load("memory")):
+        parts.append(memory_table(d))
     if (d := _load("experts_minilm_lora")):
         parts.append(experts_table(d))
     train = _load("train_step")
