@@ -17,7 +17,8 @@ from .matrix import AccuracyMatrix
 RUN_FORMAT, STATE_FORMAT, VERSION = "mtpeft-continual-run", "mtpeft-continual-state", 1
 SCENARIOS = ("domain-il", "task-il", "class-il")
 JOINT = "joint"
-_NAME = re.compile(r"[a-z0-9-]+")
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_CKPT = re.compile(r"step[0-9]{1,6}")
 _RERUN = "re-run `mtpeft continual` with this --out to re-create it"
 
 
@@ -116,7 +117,11 @@ def read_state(run_dir: str | Path, run: dict, strategy: str, seed: int) -> dict
            f"'done' is {done!r}; it counts the tasks finished, 0..{n}")
     _check(isinstance(finished, bool) and (not finished or done == n), path,
            f"'finished' is {finished!r} with {done} of {n} tasks done")
-    out = {"strategy": strategy, "seed": seed, "done": done, "finished": finished,
+    ckpt, inner = st.get("ckpt"), st.get("state", {})
+    _check(ckpt is None or (isinstance(ckpt, str) and bool(_CKPT.fullmatch(ckpt))), path,
+           f"it names the checkpoint {ckpt!r}; checkpoints are named step<N>")
+    _check(isinstance(inner, dict), path, "its strategy 'state' must be an object")
+    out = {"strategy": strategy, "seed": seed, "done": done, "finished": finished, "ckpt": ckpt, "state": inner,
            "timings": _timings(st.get("timings", []), path)}
     if strategy == JOINT:
         _check(st.get("matrix") is None, path, "a joint run has 'accuracies', not a 'matrix'")

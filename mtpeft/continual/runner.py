@@ -22,10 +22,10 @@ from pathlib import Path
 from ..errors import MtpeftError
 from ..faults import crash_point, phase
 from .matrix import AccuracyMatrix
-from .state import check_strategy_name, prune_checkpoints, read_state, run_dir, write_state
+from .rundir import RUN_FORMAT, read_run, read_state, read_untrained, safe_name
+from .rundir import VERSION as RUN_VERSION
+from .state import prune_checkpoints, run_dir, write_state
 from .stream import Stream, load_stream
-
-RUN_FORMAT, RUN_VERSION = "mtpeft-continual-run", 1
 
 
 def _stream(conf: dict, seed: int) -> Stream:
@@ -55,17 +55,14 @@ class ContinualRun:
 
     # ---- the run file ------------------------------------------------------------------------------
     def _open(self, strategies: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
-        from ..io import read_json, write_json
+        from ..io import write_json
 
         path = self.out / "run.json"
         if path.exists():
             if not self.resume:
                 raise MtpeftError(f"{self.out} already holds a continual run; continue it with --resume, or give a "
                                   "new --out")
-            saved = read_json(path, what="continual run file")
-            if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT or saved.get("version") != RUN_VERSION:
-                raise MtpeftError(f"{path} is not a continual run file of this mtpeft (format {RUN_FORMAT!r} "
-                                  f"version {RUN_VERSION}); give a new --out")
+            saved = read_run(self.out)
             if saved.get("config") != self.conf:
                 diff = sorted(k for k in set(self.conf) | set(saved.get("config") or {})
                               if self.conf.get(k) != (saved.get("config") or {}).get(k))
@@ -76,9 +73,10 @@ class ContinualRun:
         elif self.out.exists() and any(self.out.iterdir()) and not (self.out / ".mtpeft.lock").exists():
             raise MtpeftError(f"{self.out} is not empty and holds no continual run; give a new or empty --out")
         stream = self.stream(seeds[0])
-        write_json(path, {"format": RUN_FORMAT, "version": RUN_VERSION, "stream": stream.describe(),
-                          "strategies": strategies, "seeds": seeds, "config": self.conf, "command": self.command,
-                          "baselines": {"majority": {t.name: t.majority_baseline("test") for t in stream.tasks}}})
+        self.run_file = {"format": RUN_FORMAT, "version": RUN_VERSION, "stream": stream.describe(),
+                         "strategies": strategies, "seeds": seeds, "config": self.conf, "command": self.command,
+                         "baselines": {"majority": {t.name: t.majority_baseline("test") for t in stream.tasks}}}
+        write_json(path, self.run_file)
         return strategies, seeds
 
     def stream(self, seed: int) -> Stream:
@@ -91,7 +89,7 @@ class ContinualRun:
         from ..lock import DirLock
         from .strategies import STRATEGIES
 
-        strategies = [check_strategy_name(s) for s in strategies]
+        strategies = [safe_name(s) for s in strategies]
         for s in strategies:
             STRATEGIES.get(s)  # unknown names fail before anything runs
         self.out.mkdir(parents=True, exist_ok=True)
@@ -112,21 +110,18 @@ class ContinualRun:
 
     # ---- the untrained row -------------------------------------------------------------------------
     def untrained(self, seed: int) -> list[float]:
-        from ..io import read_json, write_json
+        from ..io import write_json
         from .evaluate import row
 
         stream = self.stream(seed)
         cells = self._cells.setdefault(seed, {})
         path = self.out / "untrained" / f"seed{seed}.json"
         if path.exists():
-            saved = read_json(path, what="untrained accuracies")
-            if isinstance(saved, dict) and saved.get("tasks") == stream.names and \
-                    isinstance(saved.get("accuracies"), list) and len(saved["accuracies"]) == len(stream):
-                accs = AccuracyMatrix(stream.names, untrained=saved["accuracies"]).untrained
-                for t, a in zip(stream.tasks, accs):
-                    space = stream.eval_space(-1, t)
-                    cells[(("bare",), t.name, None if space is None else space.key)] = a
-                return accs
+            accs = read_untrained(self.out, self.run_file, seed)
+            for t, a in zip(stream.tasks, accs):
+                space = stream.eval_space(-1, t)
+                cells[(("bare",), t.name, None if space is None else space.key)] = a
+            return accs
         bank, scorer = self._fresh()
         accs = row(bank, scorer, stream, -1, lambda t: None, cache=cells)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +143,7 @@ class ContinualRun:
 
         stream = self.stream(seed)
         folder = run_dir(self.out, name, seed)
-        state = None
-        if (folder / "state.json").exists():
-            state = read_state(folder / "state.json", name, seed, stream.names)
+        state = read_state(self.out, self.run_file, name, seed)
         if state is not None and state["finished"]:
             bar.update(len(stream))
             return
@@ -169,8 +162,7 @@ class ContinualRun:
         strategy = cls(ctx, **self.conf["strategies"].get(name, {}))
         if state is not None:
             strategy.load_state_dict(state.get("state", {}))
-        matrix = AccuracyMatrix(stream.names, rows=[] if state is None else
-                                AccuracyMatrix.from_dict(state["matrix"]).R if state.get("matrix") else [],
+        matrix = AccuracyMatrix(stream.names, rows=state["matrix"].R if state and "matrix" in state else [],
                                 untrained=untrained)
         timings = [] if state is None else list(state["timings"])
         bar.update(done)
