@@ -11,11 +11,11 @@ from mtpeft.errors import MtpeftError
 SEQUENTIAL = ["seqft", "replay", "expert-oracle", "expert-router", "olora"]
 
 
-def _run(tmp_path, scenario, strategies, **over):
+def _run(tmp_path, scenario, names, **over):
     from mtpeft.continual.runner import run_continual
 
     conf = tiny_config(tmp_path / "tasks", scenario, **over)
-    return run_continual(conf, tmp_path / "out", strategies, conf["seeds"], progress=False)
+    return run_continual(conf, tmp_path / "out", names, conf["seeds"], progress=False)
 
 
 def _matrix(report, name, seed="0"):
@@ -164,3 +164,10 @@ def test_strategies_work_with_other_module_types(tmp_path, module, options):
     for s in ("seqft", "replay", "expert-router"):
         assert len(_matrix(rep, s)["R"]) == 3
     assert rep["strategies"]["joint"]["n_finished"] == 1
+
+
+def test_nearest_to_batch_replay_also_keeps_more_than_seqft(tmp_path):
+    rep = _run(tmp_path, "class-il", ["seqft", "replay"],
+               strategies={"replay": {"retrieval": "nearest", "ratio": 1.0}})
+    seq, near = (rep["strategies"][s]["mean"] for s in ("seqft", "replay"))
+    assert near["acc"] > seq["acc"] and near["forgetting"] < seq["forgetting"]
