@@ -131,3 +131,21 @@ def test_olora_penalty_is_the_l1_of_a_new_times_a_old():
     loss.backward()
     assert all(p.grad is not None for k, p in bank.module_parameters("m1").items() if k.endswith(".lora_A"))
     assert all(p.grad is None for p in bank.module_parameters("m0").values())
+
+
+def test_olora_orthogonal_init_starts_the_penalty_near_zero():
+    from conftest import bank_with
+
+    from mtpeft.continual.strategies.olora import OrthogonalLoRA, orthogonal_init
+
+    bank = bank_with("encoder", "lora", {"r": 2}, n=3)
+    penalty = OrthogonalLoRA(bank, "m2", ["m0", "m1"], 0.5, 0.0)  # reads the live parameters
+    batch, logits = {"target": torch.tensor([0])}, torch.tensor([[1.0, 0.0]])
+    orth0 = penalty(None, batch, logits)[1]["orth"]
+    A0 = {k: p.detach().clone() for k, p in bank.module_parameters("m2").items()}
+    orthogonal_init(bank, "m2", ["m0", "m1"])
+    orth1 = penalty(None, batch, logits)[1]["orth"]
+    assert orth0 > 0.1 and orth1 < 1e-4 * orth0
+    for k, p in bank.module_parameters("m2").items():
+        if k.endswith(".lora_A"):  # the rows keep their norms
+            assert torch.allclose(p.norm(dim=1), A0[k].norm(dim=1), rtol=1e-4)
