@@ -239,7 +239,7 @@ def goals(train_runs: list[dict], inf: dict | None, zs: dict | None = None) -> l
 
 def render() -> str:
     parts: list[list[str]] = []
-    for name in ("tweets", "mixed-cil", "mixed-til", "demo"):
+    for name in ("demo", "tweets", "tweets-olora-orth", "mixed-cil", "mixed-til"):
         if (d := _load(f"continual_{name}")):
             parts.append(continual_table(d, name))
     if (d := _load("memory")):
