@@ -149,3 +149,30 @@ def test_olora_orthogonal_init_starts_the_penalty_near_zero():
     for k, p in bank.module_parameters("m2").items():
         if k.endswith(".lora_A"):  # the rows keep their norms
             assert torch.allclose(p.norm(dim=1), A0[k].norm(dim=1), rtol=1e-4)
+
+
+def test_evaluation_reuses_the_routers_pooled_embeddings():
+    """A retrieval router reads the frozen backbone's pooled embedding of each batch: cached across evaluations
+    of the same task, the second evaluation makes no extra backbone pass and gives the same accuracy."""
+    from conftest import synthetic_task
+
+    from mtpeft.api import new_bank
+    from mtpeft.continual.evaluate import task_accuracy
+    from mtpeft.gates import fit_centroid
+    from mtpeft.routers import RetrievalRouter
+
+    bank, scorer = new_bank("tiny-bert")
+    task = synthetic_task("toy", n=24)
+    for name in ("a", "b"):
+        bank.add(name, "lora", {"r": 2}, task="toy", seed=len(name))
+        fit_centroid(bank, scorer, task, name)
+    router = RetrievalRouter.from_bank(bank, ["a", "b"], top_k=1)
+    cache = {}
+    first = task_accuracy(bank, scorer, task, router, batch_size=5, pooled=cache)
+    assert len(cache) == 4  # 16 test examples in batches of 5
+    calls = []
+    real = bank.pooled
+    bank.pooled = lambda *a: calls.append(1) or real(*a)
+    second = task_accuracy(bank, scorer, task, router, batch_size=5, pooled=cache)
+    assert second == first and not calls
+    assert task_accuracy(bank, scorer, task, router, batch_size=5) == first and calls  # uncached: computed again

@@ -9,10 +9,12 @@ from ..routing import RouteContext
 
 @torch.no_grad()
 def task_accuracy(bank, scorer, task, router, space=None, *, task_id: bool = False, batch_size: int = 64,
-                  split: str = "test") -> float:
+                  split: str = "test", pooled: dict | None = None) -> float:
     """Accuracy of ``task`` on ``split``. ``router`` None: the bare backbone. ``space`` None: the task's own
     labels; else the examples are scored over ``space`` (its global ids). ``task_id``: the router's context
-    holds the task id (oracles); without it the router sees only the inputs."""
+    holds the task id (oracles); without it the router sees only the inputs. ``pooled``: a cache of the frozen
+    backbone's pooled embedding of each batch (what ``ctx.pooled()`` gives a router), kept across calls, so a
+    router that reads it (retrieval) costs no extra backbone pass when the task is evaluated again."""
     ds = task.splits[split]
     texts = list(ds["text"])
     if not texts:
@@ -28,15 +30,19 @@ def task_accuracy(bank, scorer, task, router, space=None, *, task_id: bool = Fal
             with bank.bare():
                 logits = scorer.logits(bank, chunk, task, **kw)
         else:
-            ctx = RouteContext.for_tasks([task.name] * len(chunk), texts=chunk) if task_id \
-                else RouteContext(texts=chunk)
+            key = (task.name, split, s, len(chunk))
+            known = None if pooled is None else pooled.get(key)
+            ctx = RouteContext.for_tasks([task.name] * len(chunk), texts=chunk, _pooled=known) if task_id \
+                else RouteContext(texts=chunk, _pooled=known)
             logits = scorer.logits(bank, chunk, task, router, ctx=ctx, **kw)
+            if pooled is not None and known is None and ctx._pooled is not None:
+                pooled[key] = ctx._pooled
         correct += int((logits.argmax(-1).cpu() == target[s: s + len(chunk)]).sum())
     return correct / len(texts)
 
 
 def row(bank, scorer, stream, step: int, router_of, *, task_id: bool = False, batch_size: int = 64,
-        key_of=None, cache: dict | None = None) -> list[float]:
+        key_of=None, cache: dict | None = None, pooled: dict | None = None) -> list[float]:
     """The accuracies of every task of ``stream`` after step ``step`` (-1: untrained); ``router_of(task)``
     gives each task's router. With ``cache``, a cell whose ``key_of(task)`` (what it is evaluated with: the
     same modules, frozen) and label space were evaluated before is not evaluated again; the bare backbone's
@@ -51,7 +57,7 @@ def row(bank, scorer, stream, step: int, router_of, *, task_id: bool = False, ba
         if key is not None and key in cache:
             out.append(cache[key])
             continue
-        acc = task_accuracy(bank, scorer, t, router, space, task_id=task_id, batch_size=batch_size)
+        acc = task_accuracy(bank, scorer, t, router, space, task_id=task_id, batch_size=batch_size, pooled=pooled)
         if key is not None:
             cache[key] = acc
         out.append(acc)

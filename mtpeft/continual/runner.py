@@ -52,6 +52,7 @@ class ContinualRun:
         self._streams: dict[int, Stream] = {}
         self._cells: dict[int, dict] = {}  # seed -> evaluated cells that cannot change (see evaluate.row)
         self._shared: dict[int, dict] = {}  # seed -> fits the strategies of that seed share (Context.shared)
+        self._pooled: dict[int, dict] = {}  # seed -> the frozen backbone's pooled test batches (evaluate.py)
 
     # ---- the run file ------------------------------------------------------------------------------
     def _open(self, strategies: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
@@ -205,7 +206,8 @@ class ContinualRun:
             return None if k is None else (strategy.name, k)
 
         matrix.add_row(row(ctx.bank, ctx.scorer, ctx.stream, step, lambda t: strategy.eval_router(step, t),
-                           task_id=strategy.uses_task_id, key_of=key_of, cache=self._cells.setdefault(ctx.seed, {})))
+                           task_id=strategy.uses_task_id, key_of=key_of, cache=self._cells.setdefault(ctx.seed, {}),
+                           pooled=self._pooled.setdefault(ctx.seed, {})))
         return {"task": task.name, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
                 "memory_s": round(ctx.timings["memory_s"], 3), "steps": fit.get("steps"),
                 "best_val_acc": fit.get("best_val_acc"), **({"reused": True} if fit.get("reused") else {})}
