@@ -173,3 +173,83 @@ def test_save_load_round_trip(family, tmp_path):
 def test_bad_config_refused(bad, msg):
     with pytest.raises(MtpeftError, match=msg):
         MPTConfig.from_dict(bad)
+
+
+# ---- export to peft's multitask prompt tuning ------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """The tiny backbones saved to disk: what peft loads by path."""
+    from mtpeft.backbone import load_backbone
+
+    out = {}
+    for name in ("tiny-bert", "tiny-llama"):
+        bb = load_backbone(name, seed=0)
+        d = tmp_path_factory.mktemp(name)
+        bb.model.save_pretrained(d)
+        bb.tokenizer.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_peft_export_equal_outputs(saved_tiny, tmp_path, name):
+    """The exported group loads in the installed peft and gives the bank's outputs, task by task, in one
+    mixed batch (peft's task_ids index the names in the order exported)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from mtpeft.backbone import load_backbone
+    from mtpeft.interop import read_adapter
+    from mtpeft.mpt import export_peft_mpt
+
+    d = saved_tiny[name]
+    bank = ModuleBank(load_backbone(str(d)))
+    for i in range(3):
+        bank.add(f"t{i}", "mpt", {"n_tokens": 3, "rank": 2}, seed=i)
+        perturb(bank, f"t{i}", seed=i)
+    with torch.no_grad():
+        shared_prompt(bank, "t0").normal_(generator=torch.Generator().manual_seed(5))
+    mpt_stack(bank, "t0").invalidate()
+    order = export_peft_mpt(bank, ["t2", "t0"], tmp_path / "a")
+    assert order == ["t2", "t0"]
+    cfg, tensors = read_adapter(tmp_path / "a")
+    assert cfg["peft_type"] == "MULTITASK_PROMPT_TUNING" and cfg["num_tasks"] == 2 and cfg["num_ranks"] == 2
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        "prompt_embeddings": (3, H), "prefix_task_cols": (2, 3, 2), "prefix_task_rows": (2, 2, H)}
+
+    causal = name == "tiny-llama"
+    auto = AutoModelForCausalLM if causal else AutoModel
+    pm = peft.PeftModel.from_pretrained(auto.from_pretrained(str(d), attn_implementation="sdpa").eval(),
+                                        str(tmp_path / "a")).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    task_ids = torch.tensor([0, 1, 1, 0])  # t2, t0, t0, t2
+    with torch.no_grad():
+        ours = bank(ids, mask, routing=Routing.one_hot(bank.ids(["t2", "t0", "t0", "t2"]))).output
+        if causal:
+            theirs = pm(input_ids=ids, attention_mask=mask, task_ids=task_ids, output_hidden_states=True)
+            theirs = theirs.hidden_states[-1]
+        else:  # peft's feature-extraction wrapper does not pass task_ids on: its own prompt, then the base model
+            prompts = pm.get_prompt(batch_size=4, task_ids=task_ids)
+            emb = pm.base_model.get_input_embeddings()(ids)
+            full = torch.cat([torch.ones(4, 3, dtype=mask.dtype), mask], dim=1)
+            theirs = pm.base_model(inputs_embeds=torch.cat([prompts, emb], 1), attention_mask=full).last_hidden_state
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    bare = bank(ids, mask).output
+    assert (ours[:, 3:] - bare).abs().max() > 1e-3  # the prompts do change the outputs
+
+
+def test_peft_export_refuses_mixed_groups(tmp_path):
+    from mtpeft.mpt import export_peft_mpt
+
+    bank = ModuleBank(make_backbone("encoder"))
+    bank.add("a", "mpt", {"n_tokens": 3})
+    bank.add("b", "mpt", {"n_tokens": 4})
+    bank.add("p", "prompt", {"n_tokens": 3})
+    with pytest.raises(MtpeftError, match="2 MPT groups"):
+        export_peft_mpt(bank, ["a", "b"], tmp_path / "x")
+    with pytest.raises(MtpeftError, match="type 'mpt'"):
+        export_peft_mpt(bank, ["p"], tmp_path / "x")
