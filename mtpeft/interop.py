@@ -156,8 +156,10 @@ def export_peft(bank, module_name: str, out_dir: str | Path, *, base_model: str 
     out = Path(os.path.abspath(out_dir))  # "." and "sub/.." name their real directory
     rec = bank.record(module_name)
     if rec.type not in EXPORTABLE:
+        hint = "; MPT modules go out as one peft multitask prompt tuning adapter per group with " \
+               "mtpeft.mpt.export_peft_mpt" if rec.type == "mpt" else ""
         raise MtpeftError(f"module {module_name!r} is of type {rec.type!r}; the peft format takes the types "
-                          f"{', '.join(EXPORTABLE)}")
+                          f"{', '.join(EXPORTABLE)}{hint}")
     _check_target_dir(out)
     group, j = bank.locate(module_name)
     stacks = list(bank.stacks_of(group))

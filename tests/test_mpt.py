@@ -253,3 +253,12 @@ def test_peft_export_refuses_mixed_groups(tmp_path):
         export_peft_mpt(bank, ["a", "b"], tmp_path / "x")
     with pytest.raises(MtpeftError, match="type 'mpt'"):
         export_peft_mpt(bank, ["p"], tmp_path / "x")
+
+
+def test_plain_peft_export_points_to_the_mpt_export(tmp_path):
+    from mtpeft.interop import export_peft
+
+    bank = ModuleBank(make_backbone("encoder"))
+    bank.add("a", "mpt", {"n_tokens": 3})
+    with pytest.raises(MtpeftError, match="export_peft_mpt"):
+        export_peft(bank, "a", tmp_path / "x")
