@@ -345,8 +345,9 @@ def import_peft(bank, adapter_dir: str | Path, name: str | None = None, task: st
     peft_type = str(config.get("peft_type", ""))
     ours = {v: k for k, v in PEFT_TYPES.items()}.get(peft_type)
     if ours is None:
+        hint = " (multitask prompt tuning: mtpeft.mpt.import_peft_mpt)" if peft_type == "MULTITASK_PROMPT_TUNING" else ""
         raise MtpeftError(f"{d}: peft_type {peft_type or '(missing)'!r} cannot be imported; mtpeft imports "
-                          f"{', '.join(PEFT_TYPES.values())} adapters")
+                          f"{', '.join(PEFT_TYPES.values())} adapters{hint}")
     name = name or d.resolve().name
     from .bank.manifest import check_name
 

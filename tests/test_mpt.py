@@ -262,3 +262,35 @@ def test_plain_peft_export_points_to_the_mpt_export(tmp_path):
     bank.add("a", "mpt", {"n_tokens": 3})
     with pytest.raises(MtpeftError, match="export_peft_mpt"):
         export_peft(bank, "a", tmp_path / "x")
+
+
+@needs
+def test_peft_import_round_trip(family, tmp_path):
+    """An exported group imported back (a group of its own, its own P*) gives the same outputs task by task;
+    a clash of shared names, a wrong count of names and another backbone's width are refused, nothing added."""
+    from mtpeft.interop import import_peft
+    from mtpeft.mpt import export_peft_mpt, import_peft_mpt
+
+    bank = mpt_bank(family, n=3)
+    export_peft_mpt(bank, ["t1", "t2"], tmp_path / "a")
+    assert import_peft_mpt(bank, tmp_path / "a", ["x1", "x2"], shared="imp", tasks=["one", "two"]) == ["x1", "x2"]
+    assert bank.group_of("x1").key != bank.group_of("t1").key and bank.record("x2").task == "two"
+    assert torch.equal(shared_prompt(bank, "x1"), shared_prompt(bank, "t0"))
+    ids, mask = batch()
+    with torch.no_grad():
+        for a, b in (("t1", "x1"), ("t2", "x2")):
+            ra = bank(ids, mask, routing=Routing.one_hot([bank.index(a)] * 3)).output
+            rb = bank(ids, mask, routing=Routing.one_hot([bank.index(b)] * 3)).output
+            assert torch.equal(ra, rb)
+    n = len(bank)
+    with pytest.raises(MtpeftError, match="another shared name"):
+        import_peft_mpt(bank, tmp_path / "a", ["y1", "y2"], shared="imp")
+    with pytest.raises(MtpeftError, match="give 2 distinct module names"):
+        import_peft_mpt(bank, tmp_path / "a", ["y1"], shared="imp2")
+    with pytest.raises(MtpeftError, match="import_peft_mpt"):
+        import_peft(bank, tmp_path / "a")
+    assert len(bank) == n
+    narrow = ModuleBank(make_backbone(family, hidden=16, heads=2))
+    with pytest.raises(MtpeftError, match=r"this backbone takes \[n, 16\]"):
+        import_peft_mpt(narrow, tmp_path / "a", ["y1", "y2"])
+    assert len(narrow) == 0
