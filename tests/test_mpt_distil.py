@@ -318,6 +318,10 @@ def test_cli_distil_end_to_end(tmp_path, capsys):
     assert not rep2["student"]["trained"] and not any(t["trained"] for t in rep2["teachers"].values())
     assert [r["task"] for r in rep2["targets"]] == ["t2"]
     assert [r["student"] for r in rep2["sources"]] == [r["student"] for r in rep["sources"]]
+    # and again with the config's target: the adapted module is kept, its init read from the bank
+    assert main(["distil", "--config", str(tmp_path / "c.yaml"), "--out", str(bank_dir), "--json"]) == 0
+    rep3 = json.loads(capsys.readouterr().out)
+    assert rep3["targets"] == rep["targets"]
 
 
 def test_cli_distil_errors(tmp_path, capsys):

@@ -76,39 +76,55 @@ def run_distil(cfg: DistilConfig, out: str | Path, *, targets: list[str] | None 
         tasks_t = [load_task(s, max_examples=cap, seed=cfg.seed) for s in targets]
         teachers = train_teachers(bank, scorer, sources, cfg, max_steps, progress)
         bank.save(out)
-        students = [student_name(t.name) for t in sources]
-        have = [s in bank.names for s in students]
-        if all(have):
-            student = {"modules": students, "trained": False}
-        elif any(have):
-            raise MtpeftError(f"bank {out} holds students of some sources only ({[s for s, h in zip(students, have) if h]});"
-                              " the sources are distilled together: remove them or use the same sources")
-        else:
-            student = {**distil(bank, scorer, sources, {k: v["module"] for k, v in teachers.items()}, cfg, max_steps,
-                                progress), "trained": True}
+        student = _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out)
         bank.save(out)
-        rows = []
-        for t in sources:
-            pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, max_steps, progress)
-            rows.append({"task": t.name, "teacher": _acc(bank, scorer, t, teachers[t.name]["module"]),
-                         "student": _acc(bank, scorer, t, student_name(t.name)), "prompt_eq": _acc(bank, scorer, t, pt),
-                         "teacher_steps": teachers[t.name]["steps"], "prompt_eq_steps": pm.get("steps")})
-        bank.save(out)
-        target_rows = []
-        for t in tasks_t:
-            a = (dict(bank.record(student_name(t.name)).metrics, module=student_name(t.name))
-                 if student_name(t.name) in bank.names else adapt(bank, scorer, t, sources, cfg, max_steps, progress))
-            pt, pm = _baseline(bank, scorer, t, cfg, cfg.target, max_steps, progress)
-            target_rows.append({"task": t.name, "init": cfg.target.init, "mpt": _acc(bank, scorer, t, a["module"]),
-                                "prompt_scratch": _acc(bank, scorer, t, pt), "steps": a.get("steps"),
-                                "prompt_steps": pm.get("steps"), **({"similar": a["similar"]} if "similar" in a else {})})
+        rows, target_rows = [], []
+        for t in sources:  # each baseline saved as soon as it is trained
+            rows.append(_source_row(bank, scorer, t, teachers[t.name], cfg, max_steps, progress))
             bank.save(out)
-        report = {"bank": str(out), "config": config_dict(cfg), "teachers": teachers,
-                  "student": {k: v for k, v in student.items() if k != "modules"}, "sources": rows,
-                  "targets": target_rows, "parameters": parameters(bank, cfg, len(sources)),
-                  "summary": summary(rows, target_rows), "peft_task_order": students}
+        for t in tasks_t:
+            target_rows.append(_target_row(bank, scorer, t, sources, cfg, max_steps, progress))
+            bank.save(out)
+        report = {"bank": str(out), "config": config_dict(cfg), "teachers": teachers, "student": student,
+                  "sources": rows, "targets": target_rows, "parameters": parameters(bank, cfg, len(sources)),
+                  "summary": summary(rows, target_rows), "peft_task_order": [student_name(t.name) for t in sources]}
         write_json(out / REPORT, report)
     return report
+
+
+def _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out) -> dict:
+    """The distilled student: kept when the bank has it for every source, else trained."""
+    students = [student_name(t.name) for t in sources]
+    have = [s in bank.names for s in students]
+    if all(have):
+        return {"trained": False}
+    if any(have):
+        raise MtpeftError(f"bank {out} holds students of some sources only ({[s for s, h in zip(students, have) if h]});"
+                          " the sources are distilled together: remove them or use the same sources")
+    fit = distil(bank, scorer, sources, {k: v["module"] for k, v in teachers.items()}, cfg, max_steps, progress)
+    return {**{k: v for k, v in fit.items() if k != "modules"}, "trained": True}
+
+
+def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress) -> dict:
+    pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, max_steps, progress)
+    return {"task": t.name, "teacher": _acc(bank, scorer, t, teacher["module"]),
+            "student": _acc(bank, scorer, t, student_name(t.name)), "prompt_eq": _acc(bank, scorer, t, pt),
+            "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps")}
+
+
+def _target_row(bank, scorer, t, sources, cfg, max_steps, progress) -> dict:
+    """The target stage on ``t`` (kept when the bank has ``<t>-mpt``) and prompt tuning from scratch beside it."""
+    name = student_name(t.name)
+    if name in bank.names:
+        rec = bank.record(name)
+        a = {"module": name, "steps": rec.metrics.get("steps"), "init": rec.metadata.get("init"),
+             **({"similar": rec.metadata["similar"]} if "similar" in rec.metadata else {})}
+    else:
+        a = adapt(bank, scorer, t, sources, cfg, max_steps, progress)
+    pt, pm = _baseline(bank, scorer, t, cfg, cfg.target, max_steps, progress)
+    return {"task": t.name, "init": a.get("init"), "mpt": _acc(bank, scorer, t, name),
+            "prompt_scratch": _acc(bank, scorer, t, pt), "steps": a.get("steps"), "prompt_steps": pm.get("steps"),
+            **({"similar": a["similar"]} if "similar" in a else {})}
 
 
 def _mean(xs) -> float | None:
