@@ -294,3 +294,16 @@ def test_peft_import_round_trip(family, tmp_path):
     with pytest.raises(MtpeftError, match=r"this backbone takes \[n, 16\]"):
         import_peft_mpt(narrow, tmp_path / "a", ["y1", "y2"])
     assert len(narrow) == 0
+
+
+def test_group_artifacts_beside_the_shared_prompt(tmp_path):
+    """A group's artifacts and its P* share the group's file; the 'param:' names stay reserved for P*."""
+    bank = mpt_bank("encoder", n=1)
+    key = bank.group_of("t0").key
+    with pytest.raises(MtpeftError, match="reserved"):
+        bank.set_group_artifact(key, "param:shared", torch.zeros(1))
+    bank.set_group_artifact(key, "centroid", torch.ones(3))
+    bank.save(tmp_path / "b")
+    loaded = ModuleBank.load(tmp_path / "b", make_backbone("encoder"))
+    assert set(loaded.group_artifacts(key)) == {"centroid"}
+    assert torch.equal(shared_prompt(loaded, "t0"), shared_prompt(bank, "t0"))
