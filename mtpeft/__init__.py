@@ -45,6 +45,8 @@ _LAZY = {
     "fit_expert": ".train",
     "fit_multitask": ".train",
     "route_eval": ".zeroshot",
+    "run_distil": ".mpt",
+    "export_peft_mpt": ".mpt",
 }
 
 
@@ -79,6 +81,7 @@ __all__ = [
     "builtin_names",
     "evaluate",
     "expert_vs_zero_shot",
+    "export_peft_mpt",
     "fit_centroid",
     "fit_expert",
     "fit_gates",
@@ -95,4 +98,5 @@ __all__ = [
     "register_strategy",
     "route_eval",
     "run_continual",
+    "run_distil",
 ]

@@ -156,8 +156,10 @@ def export_peft(bank, module_name: str, out_dir: str | Path, *, base_model: str 
     out = Path(os.path.abspath(out_dir))  # "." and "sub/.." name their real directory
     rec = bank.record(module_name)
     if rec.type not in EXPORTABLE:
+        hint = "; MPT modules go out as one peft multitask prompt tuning adapter per group with " \
+               "mtpeft.mpt.export_peft_mpt" if rec.type == "mpt" else ""
         raise MtpeftError(f"module {module_name!r} is of type {rec.type!r}; the peft format takes the types "
-                          f"{', '.join(EXPORTABLE)}")
+                          f"{', '.join(EXPORTABLE)}{hint}")
     _check_target_dir(out)
     group, j = bank.locate(module_name)
     stacks = list(bank.stacks_of(group))
@@ -343,8 +345,9 @@ def import_peft(bank, adapter_dir: str | Path, name: str | None = None, task: st
     peft_type = str(config.get("peft_type", ""))
     ours = {v: k for k, v in PEFT_TYPES.items()}.get(peft_type)
     if ours is None:
+        hint = " (multitask prompt tuning: mtpeft.mpt.import_peft_mpt)" if peft_type == "MULTITASK_PROMPT_TUNING" else ""
         raise MtpeftError(f"{d}: peft_type {peft_type or '(missing)'!r} cannot be imported; mtpeft imports "
-                          f"{', '.join(PEFT_TYPES.values())} adapters")
+                          f"{', '.join(PEFT_TYPES.values())} adapters{hint}")
     name = name or d.resolve().name
     from .bank.manifest import check_name
 

@@ -44,6 +44,7 @@ CASES = [
     Case("ia3", "ia3", {}, {"feedforward_modules": []}),
     Case("krona", "krona", {}, {"max_factor": 4, "alpha": 2.0}),
     Case("prompt", "prompt", {"n_tokens": 4}, {"n_tokens": 2}),
+    Case("mpt", "mpt", {"n_tokens": 4, "rank": 2}, {"n_tokens": 2, "shared": "other"}),
     Case("ptuning-mlp", "ptuning", {"n_tokens": 4, "encoder_hidden": 16}, {"n_tokens": 2, "encoder_hidden": 8}),
     Case("ptuning-lstm", "ptuning", {"n_tokens": 3, "encoder": "lstm", "encoder_hidden": 8},
          {"n_tokens": 2, "encoder": "lstm", "encoder_hidden": 4, "lstm_layers": 1}),
@@ -350,7 +351,7 @@ def test_per_token_routing(case, tiny_backbone, k, monkeypatch):
     ids, mask = inputs(tiny_backbone)
     B, T = ids.shape
     r = Routing.topk(torch.randn(B, T, 5, generator=torch.Generator().manual_seed(2)), k)
-    if case.type in ("prompt", "ptuning", "prefix", "mam"):
+    if case.type in ("prompt", "mpt", "ptuning", "prefix", "mam"):
         with pytest.raises(MtpeftError, match="per example"), torch.no_grad():
             bank(ids, mask, routing=r)
         return

@@ -89,8 +89,11 @@ class ArtifactsAPI:
         return gone
 
     def set_group_artifact(self, group: str, key: str, value: Tensor) -> None:
-        """An artifact of a whole group (e.g. a shared prompt), by group key (``bank.group_of(name).key``)."""
+        """An artifact of a whole group (e.g. prototypes), by group key (``bank.group_of(name).key``)."""
         self._group(group)
+        if isinstance(key, str) and key.startswith("param:"):
+            raise MtpeftError(f"artifact name {key!r}: names starting with 'param:' are reserved for a group's own "
+                              "parameters (MPT's shared prompt, saved in the same file); pick another name")
         self._artifacts.set("group", group, key, value)
         self._changed()
 

@@ -11,7 +11,8 @@ rewritten in place. ``manifest.json`` holds the schema version, the backbone fin
 module (type, config, task, metrics, metadata, merged, finalized, ``file`` and ``sha256`` of its
 weights, and ``artifacts: {file, sha256}`` when it has artifacts) and ``groups: [{key, file, sha256}]``
 for the artifacts of groups (``key`` as ``bank.group_of(name).key`` gives it; the file name has ``-``
-for ``:``).
+for ``:``). A group's file also holds the parameters its stacks keep for the whole group
+(``stack.group_parameters()``, e.g. MPT's shared prompt), under ``param:<name>``; loading puts them back.
 
 Saving takes the bank's lock (``locked(path)``: one writer at a time, the second refused naming the
 first), re-reads the manifest there and merges three ways: what this bank object loaded from (or last
@@ -40,6 +41,8 @@ import os
 import re
 import uuid
 from pathlib import Path
+
+import torch
 
 from ..checks import check_finite, check_weights
 from ..io import MtpeftError, read_tensors, write_bytes, write_json
@@ -158,10 +161,40 @@ def _memory_modules(bank, path: Path, base: dict, only) -> tuple[dict, dict]:
     return entries, data
 
 
+GROUP_PARAM = "param:"  # prefix of a group-level parameter (MPT's shared prompt) in its group's artifacts file
+
+
+def _group_params(bank, key: str) -> dict:
+    """``{name: parameter}`` a group's stacks hold for the whole group (``stack.group_parameters()``)."""
+    out = {}
+    for _, stack in bank.stacks_of(bank.groups[key]):
+        fn = getattr(stack, "group_parameters", None)
+        out.update(fn() if fn is not None else {})
+    return out
+
+
+def _restore_group_params(bank, key: str, arts: dict, path: Path) -> dict:
+    """Copy the saved group parameters of ``arts`` into the group's stacks; the artifacts proper are returned."""
+    own = _group_params(bank, key)
+    saved = {k[len(GROUP_PARAM):]: v for k, v in arts.items() if k.startswith(GROUP_PARAM)}
+    if set(saved) != set(own):
+        raise MtpeftError(f"bank {path}: the saved parameters of group {key!r} ({sorted(saved)}) are not those its "
+                          f"modules need ({sorted(own)}); restore the group's file or re-create the bank")
+    with torch.no_grad():
+        for k, p in own.items():
+            if tuple(saved[k].shape) != tuple(p.shape):
+                raise MtpeftError(f"bank {path}: parameter {k!r} of group {key!r} has shape {tuple(saved[k].shape)}, "
+                                  f"its config makes {tuple(p.shape)}; restore the group's file or re-create the bank")
+            p.copy_(saved[k])
+    for _, stack in bank.stacks_of(bank.groups[key]):
+        stack.invalidate()
+    return {k: v for k, v in arts.items() if not k.startswith(GROUP_PARAM)}
+
+
 def _memory_groups(bank) -> tuple[dict, dict]:
     entries, data = {}, {}
     for key in bank.groups:
-        arts = bank.group_artifacts(key)
+        arts = {**bank.group_artifacts(key), **{GROUP_PARAM + k: p for k, p in _group_params(bank, key).items()}}
         if arts:
             ref, (rel, blob) = _content(ARTIFACTS, key, _serialise(arts, {"scope": "group", "owner": key}), True)
             entries[key] = {"key": key, **ref}
@@ -369,8 +402,12 @@ def load_bank(cls, path: str | Path, backbone, trainable: bool = False):
             if key not in bank.groups:  # group_key() drifted from ModuleBank.add: a bug, not a bad bank
                 raise MtpeftError(f"bank {path}: saved artifacts of group {key!r} match no group of the loaded bank "
                                   f"({', '.join(bank.groups)}); report this as an mtpeft bug")
-            for k, v in arts.items():
+            for k, v in _restore_group_params(bank, key, arts, path).items():
                 bank.set_group_artifact(key, k, v)
+        lost = [k for k in bank.groups if _group_params(bank, k) and k not in {key for key, _ in group_arts}]
+        if lost:
+            raise MtpeftError(f"bank {path}: group {lost[0]!r} has no saved group file (its shared parameters, e.g. "
+                              "MPT's shared prompt); restore its entry in 'groups' of manifest.json or re-create the bank")
     except BaseException:
         bank.release()  # the backbone is left as it was: another bank can take it
         raise

@@ -1,0 +1,142 @@
+"""``mtpeft distil`` as a function: both stages into one bank, evaluated, with the report.
+
+The report (also written to ``BANK/distil-report.json``): per source task the teacher's, the distilled
+student's and single-task prompt tuning's test accuracy at the student's budget (``prompt_eq``), with the
+trainable parameters per task (absolute and as a share of the backbone's); per target task the MPT target
+stage against prompt tuning from scratch at the same budget; the summary (mean accuracies, the student's
+share of the teachers' mean accuracy, its per-task parameters as a share of a teacher's).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MtpeftError
+from .config import DistilConfig, config_dict
+from .stages import adapt, distil, student_name, train_teachers
+
+REPORT = "distil-report.json"
+
+
+def _acc(bank, scorer, task, module: str | None) -> float | None:
+    from ..train import evaluate
+
+    return None if module is None else round(evaluate(bank, scorer, task, module)["accuracy"], 4)
+
+
+def _baseline(bank, scorer, task, cfg: DistilConfig, budget, max_steps, progress) -> tuple[str | None, dict]:
+    """``<task>-pt``: a single-task prompt trained at ``budget`` (kept when the bank has it)."""
+    from ..train import fit_expert
+
+    if not cfg.baseline:
+        return None, {}
+    name = f"{task.name}-pt"
+    if name in bank.names:
+        return name, dict(bank.record(name).metrics)
+    m = fit_expert(bank, scorer, task, name, "prompt", {"n_tokens": cfg.n_tokens},
+                   budget.train_config(cfg.seed, progress, max_steps))
+    return name, m
+
+
+def parameters(bank, cfg: DistilConfig, n_sources: int) -> dict:
+    """Trainable parameters per task: a teacher's prompt, the student's factors, ``P*`` (once for the group)."""
+    H = bank.model.get_input_embeddings().weight.shape[1]
+    backbone = sum(p.numel() for p in bank.model.parameters())
+    teacher, factors, shared = cfg.n_tokens * H, cfg.rank * (cfg.n_tokens + H), cfg.n_tokens * H
+    share = lambda k: round(k / backbone, 8)
+    return {"backbone": backbone, "teacher_per_task": teacher, "teacher_share": share(teacher),
+            "student_per_task": factors, "student_share": share(factors), "shared_prompt": shared,
+            "student_per_task_with_shared": round(factors + shared / max(1, n_sources), 1),
+            "student_over_teacher": round(factors / teacher, 6)}
+
+
+def run_distil(cfg: DistilConfig, out: str | Path, *, targets: list[str] | None = None, max_steps: int | None = None,
+               max_examples: int | None = None, progress: bool = True, bank_and_scorer=None) -> dict:
+    """Teachers (where missing), the student (unless the bank has it), baselines, the target stage; saved to
+    ``out`` after each stage. ``targets`` overrides ``cfg.targets``; ``max_steps`` and ``max_examples`` cap
+    every fit and every split."""
+    from ..api import check_bank_target, check_input_room, load_bank_or_new
+    from ..bank import locked
+    from ..io import write_json
+    from ..modules.mpt import MPTConfig
+    from ..suite import load_task
+
+    out = Path(out)
+    check_bank_target(out)
+    cap = max_examples if max_examples is not None else cfg.max_examples
+    targets = list(cfg.targets if targets is None else targets)
+    clash = sorted(set(targets) & set(cfg.sources))
+    if clash:
+        raise MtpeftError(f"target task(s) {clash} are also sources; a target is a task held out from the sources")
+    with locked(out):
+        bank, scorer = bank_and_scorer or load_bank_or_new(cfg.backbone, out)
+        if cfg.max_length is not None:
+            scorer.max_length = cfg.max_length
+        check_input_room(bank, scorer, "mpt", MPTConfig(**cfg.module_config()))
+        sources = [load_task(s, max_examples=cap, seed=cfg.seed) for s in cfg.sources]
+        tasks_t = [load_task(s, max_examples=cap, seed=cfg.seed) for s in targets]
+        teachers = train_teachers(bank, scorer, sources, cfg, max_steps, progress)
+        bank.save(out)
+        student = _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out)
+        bank.save(out)
+        rows, target_rows = [], []
+        for t in sources:  # each baseline saved as soon as it is trained
+            rows.append(_source_row(bank, scorer, t, teachers[t.name], cfg, max_steps, progress))
+            bank.save(out)
+        for t in tasks_t:
+            target_rows.append(_target_row(bank, scorer, t, sources, cfg, max_steps, progress))
+            bank.save(out)
+        report = {"bank": str(out), "config": config_dict(cfg), "teachers": teachers, "student": student,
+                  "sources": rows, "targets": target_rows, "parameters": parameters(bank, cfg, len(sources)),
+                  "summary": summary(rows, target_rows), "peft_task_order": [student_name(t.name) for t in sources]}
+        write_json(out / REPORT, report)
+    return report
+
+
+def _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out) -> dict:
+    """The distilled student: kept when the bank has it for every source, else trained."""
+    students = [student_name(t.name) for t in sources]
+    have = [s in bank.names for s in students]
+    if all(have):
+        return {"trained": False}
+    if any(have):
+        raise MtpeftError(f"bank {out} holds students of some sources only ({[s for s, h in zip(students, have) if h]});"
+                          " the sources are distilled together: remove them or use the same sources")
+    fit = distil(bank, scorer, sources, {k: v["module"] for k, v in teachers.items()}, cfg, max_steps, progress)
+    return {**{k: v for k, v in fit.items() if k != "modules"}, "trained": True}
+
+
+def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress) -> dict:
+    pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, max_steps, progress)
+    return {"task": t.name, "teacher": _acc(bank, scorer, t, teacher["module"]),
+            "student": _acc(bank, scorer, t, student_name(t.name)), "prompt_eq": _acc(bank, scorer, t, pt),
+            "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps")}
+
+
+def _target_row(bank, scorer, t, sources, cfg, max_steps, progress) -> dict:
+    """The target stage on ``t`` (kept when the bank has ``<t>-mpt``) and prompt tuning from scratch beside it."""
+    name = student_name(t.name)
+    if name in bank.names:
+        rec = bank.record(name)
+        a = {"module": name, "steps": rec.metrics.get("steps"), "init": rec.metadata.get("init"),
+             **({"similar": rec.metadata["similar"]} if "similar" in rec.metadata else {})}
+    else:
+        a = adapt(bank, scorer, t, sources, cfg, max_steps, progress)
+    pt, pm = _baseline(bank, scorer, t, cfg, cfg.target, max_steps, progress)
+    return {"task": t.name, "init": a.get("init"), "mpt": _acc(bank, scorer, t, name),
+            "prompt_scratch": _acc(bank, scorer, t, pt), "steps": a.get("steps"), "prompt_steps": pm.get("steps"),
+            **({"similar": a["similar"]} if "similar" in a else {})}
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def summary(rows: list[dict], target_rows: list[dict]) -> dict:
+    teacher, student = _mean(r["teacher"] for r in rows), _mean(r["student"] for r in rows)
+    out = {"teacher_mean": teacher, "student_mean": student, "prompt_eq_mean": _mean(r["prompt_eq"] for r in rows),
+           "student_over_teacher": round(student / teacher, 4) if teacher else None}
+    if target_rows:
+        out.update(target_mpt_mean=_mean(r["mpt"] for r in target_rows),
+                   target_prompt_mean=_mean(r["prompt_scratch"] for r in target_rows))
+    return out
