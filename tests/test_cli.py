@@ -711,6 +711,18 @@ def test_shipped_configs_are_valid(capsys):
             conf = read_config(p)
             assert set(conf["experts"] + conf["heldout"]) <= set(builtin_names()), p
             assert (Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{conf['benchmark']}.py").exists()
+        elif p.name.startswith("continual-"):  # `mtpeft continual --config`
+            from mtpeft.continual import STRATEGIES, load_config
+            from mtpeft.continual.stream import STREAMS
+
+            conf = load_config(p)
+            assert conf["stream"] in STREAMS or set(conf["tasks"]) <= set(builtin_names()), p
+            assert all(s in STRATEGIES for s in [conf["strategy"], *conf["compare"], *conf["strategies"]]), p
+        elif p.name.startswith("mpt-"):  # `mtpeft distil --config`
+            from mtpeft.mpt.config import load_distil_config
+
+            load_distil_config(p)
+            continue
         else:
             conf = load_run_config(p)
             assert set(conf) <= set(TRAIN_CONFIG_KEYS), p
