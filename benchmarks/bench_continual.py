@@ -64,7 +64,8 @@ def main(argv=None):
     if rc:
         sys.exit(rc)
     report = build_report(out)
-    payload = {"name": name, "command": report.get("command"), "config": report.get("config"),
+    reproduce = "python benchmarks/bench_continual.py --config " + str(a.config) + (f" --seeds {a.seeds}" if a.seeds else "")
+    payload = {"name": name, "reproduce": reproduce, "command": report.get("command"), "config": report.get("config"),
                "stream": report.get("stream"), "scenario": report.get("scenario"), "tasks": report.get("tasks"),
                "seeds": report.get("seeds"), "baselines": report.get("baselines"),
                "strategies": {k: {m: v.get(m) for m in ("mean", "std", "n_finished", "time")}
