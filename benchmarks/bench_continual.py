@@ -48,12 +48,14 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="default: the config file's stem without 'continual-'")
     p.add_argument("--seeds", default=None, help="default: the config's")
     p.add_argument("--compare", default="", help="default: the config's compare list")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the run directory (default benchmarks/work/continual/<name>); a finished one is only read")
     a = p.parse_args(argv)
     from mtpeft.cli import main as cli
     from mtpeft.continual.report import build_report
 
     name = a.name or a.config.stem.replace("continual-", "")
-    out = ROOT / "benchmarks" / "work" / "continual" / name
+    out = a.out or ROOT / "benchmarks" / "work" / "continual" / name
     args = ["continual", "--config", str(a.config), "--out", str(out), "--compare", *([a.compare] if a.compare else [])]
     if a.seeds:
         args += ["--seeds", a.seeds]
