@@ -181,12 +181,13 @@ def continual_table(d: dict, name: str) -> list[str]:
     pm = lambda m, k: "—" if m["mean"].get(k) is None else (
         f"{100 * m['mean'][k]:.1f}" + ("" if m["std"].get(k) is None else f" ± {100 * m['std'][k]:.1f}"))
     strategies = sorted(d["strategies"], key=lambda s: CONTINUAL_ORDER.index(s) if s in CONTINUAL_ORDER else 99)
-    out = [(f"**Continual: `{c['stream'] or 'custom'}` stream, {d['scenario']}** (`continual_{name}.json`; "
+    what = "The demo" if name == "demo" else "Continual"
+    out = [(f"**{what}: `{c['stream'] or 'custom'}` stream, {d['scenario']}** (`continual_{name}.json`; "
             f"`{d.get('reproduce') or d['command']}`; seeds {', '.join(map(str, d['seeds']))}; {c['backbone']}, {c['module']} "
             f"r{c['options'].get('r', '')}, ≤{c['max_train']} training and ≤{c['max_eval']} test examples per task, "
             f"{c['max_steps']} steps of {c['batch_size']} per task; tasks in order: "
             f"{' → '.join(f'`{t}`' for t in d['tasks'])}; percentage points, mean ± std):"),
-           "", "| strategy | ACC | BWT | FWT | forgetting | intransigence | s per seed (train / eval / memory) |",
+           "", "| strategy | ACC | BWT | FWT | forgetting | intransigence | s per seed: train / eval / memory |",
            "|---|---|---|---|---|---|---|"]
     for s in strategies:
         m = d["strategies"][s]
