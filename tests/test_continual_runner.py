@@ -74,8 +74,12 @@ def test_a_second_run_into_the_same_directory_is_refused_unless_resumed(tmp_path
     again = run_continual(conf, tmp_path / "out", ["seqft"], [0], resume=True, progress=False)
     assert _matrix(again, "seqft") == _matrix(rep, "seqft")  # finished: nothing re-run
     other = tiny_config(tmp_path / "tasks", "task-il", lr=0.01)
-    with pytest.raises(MtpeftError, match="different config"):
+    with pytest.raises(MtpeftError, match=r"different config \(keys \['lr'\]"):
         run_continual(other, tmp_path / "out", ["seqft"], [0], resume=True, progress=False)
+    more = tiny_config(tmp_path / "tasks", "task-il", seeds=[0, 1], max_steps=30)  # a seed added: only it runs
+    grown = run_continual(more, tmp_path / "out", ["seqft"], [1], resume=True, progress=False)
+    assert grown["seeds"] == [0, 1] and _matrix(grown, "seqft") == _matrix(rep, "seqft")
+    assert grown["strategies"]["seqft"]["n_finished"] == 2
 
 
 def test_resume_after_a_stop_between_tasks_gives_the_uninterrupted_report(tmp_path, monkeypatch):

@@ -41,6 +41,10 @@ def _train_config(conf: dict, seed: int, logs: Path | None):
                        run_dir=None if logs is None else str(logs))
 
 
+# Config keys that say what to run, not how: a resumed run may add strategies and seeds.
+WHAT_TO_RUN = ("strategy", "compare", "seeds")
+
+
 class ContinualRun:
     """One run directory: ``run(strategies, seeds)`` trains and evaluates whatever is not finished yet."""
 
@@ -64,9 +68,10 @@ class ContinualRun:
                 raise MtpeftError(f"{self.out} already holds a continual run; continue it with --resume, or give a "
                                   "new --out")
             saved = read_run(self.out)
-            if saved.get("config") != self.conf:
-                diff = sorted(k for k in set(self.conf) | set(saved.get("config") or {})
-                              if self.conf.get(k) != (saved.get("config") or {}).get(k))
+            have = saved.get("config") or {}
+            diff = sorted(k for k in set(self.conf) | set(have)
+                          if k not in WHAT_TO_RUN and self.conf.get(k) != have.get(k))
+            if diff:
                 raise MtpeftError(f"--resume: the run in {self.out} was made with a different config (keys {diff} "
                                   "differ); resume with the same config and caps, or give a new --out")
             strategies = list(dict.fromkeys([*saved.get("strategies", []), *strategies]))
