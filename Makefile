@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit bench bench-accuracy lint clean
+.PHONY: setup demo test test-unit bench bench-accuracy bench-continual lint clean
 
 setup: $(STAMP)
 
@@ -37,10 +37,18 @@ bench: setup  # each script writes benchmarks/results/<name>.json; `make bench B
 	$(PY) benchmarks/bench_inference.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_scorer.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_zeroshot_routing.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_memory.py $(BENCH_ARGS)
 	$(PY) benchmarks/report.py --readme
 
 bench-accuracy: setup  # one LoRA expert per built-in task vs zero-shot on MiniLM (~25 min on 2 cores)
 	$(PY) benchmarks/bench_experts.py
+	$(PY) benchmarks/report.py --readme
+
+bench-continual: setup  # the continual tables: 6 strategies x 3 seeds per stream (~30-45 min each on 2 cores; resumable)
+	$(PY) benchmarks/bench_continual.py --config configs/continual-tweets.yaml
+	$(PY) benchmarks/bench_continual.py --config configs/continual-tweets-olora-orth.yaml
+	$(PY) benchmarks/bench_continual.py --config configs/continual-mixed-cil.yaml
+	$(PY) benchmarks/bench_continual.py --config configs/continual-mixed-til.yaml
 	$(PY) benchmarks/report.py --readme
 
 lint: setup
