@@ -92,8 +92,13 @@ def read_run(run_dir: str | Path) -> dict:
     return {**run, "baselines": base}
 
 
+def run_folder(run_dir: str | Path, strategy: str, seed: int) -> Path:
+    """``OUT/runs/<strategy>/seed<k>``: one (strategy, seed) run's state, checkpoints and logs."""
+    return Path(run_dir) / "runs" / safe_name(strategy) / f"seed{int(seed)}"
+
+
 def state_path(run_dir: str | Path, strategy: str, seed: int) -> Path:
-    return Path(run_dir) / "runs" / safe_name(strategy) / f"seed{int(seed)}" / "state.json"
+    return run_folder(run_dir, strategy, seed) / "state.json"
 
 
 def read_state(run_dir: str | Path, run: dict, strategy: str, seed: int) -> dict | None:

@@ -22,9 +22,9 @@ from pathlib import Path
 from ..errors import MtpeftError
 from ..faults import crash_point, phase
 from .matrix import AccuracyMatrix
-from .rundir import RUN_FORMAT, read_run, read_state, read_untrained, safe_name
+from .rundir import RUN_FORMAT, read_run, read_state, read_untrained, run_folder, safe_name
 from .rundir import VERSION as RUN_VERSION
-from .state import prune_checkpoints, run_dir, write_state
+from .state import prune_checkpoints, write_state
 from .stream import Stream, load_stream
 
 
@@ -148,7 +148,7 @@ class ContinualRun:
         from .strategies import STRATEGIES
 
         stream = self.stream(seed)
-        folder = run_dir(self.out, name, seed)
+        folder = run_folder(self.out, name, seed)
         state = read_state(self.out, self.run_file, name, seed)
         if state is not None and state["finished"]:
             bar.update(len(stream))

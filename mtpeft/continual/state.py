@@ -11,11 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .rundir import _CKPT, STATE_FORMAT, VERSION, safe_name
-
-
-def run_dir(out: Path, strategy: str, seed: int) -> Path:
-    return Path(out) / "runs" / safe_name(strategy) / f"seed{int(seed)}"
+from .rundir import _CKPT, STATE_FORMAT, VERSION
 
 
 def write_state(path: Path, state: dict) -> None:
