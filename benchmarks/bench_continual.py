@@ -26,19 +26,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def time_split(report: dict) -> dict:
-    """Per strategy: seconds per seed in training, evaluation and memory work (mean over finished seeds), and
-    evaluation's share of the total."""
+    """Per strategy: seconds per seed in training, evaluation and memory work (the report's means over finished
+    seeds), and evaluation's share of the total."""
     out = {}
     for name, s in report["strategies"].items():
-        seeds = [v for v in s["seeds"].values() if v.get("finished")]
-        if not seeds:
+        if not s["n_finished"]:
             continue
-        tot = {k: sum(sum(t.get(k) or 0.0 for t in v["timings"]) for v in seeds) / len(seeds)
-               for k in ("train_s", "eval_s", "memory_s")}
+        tot = s["time"]
         all_s = sum(tot.values())
+        first = next(v for v in s["seeds"].values() if v.get("finished"))
         out[name] = {**{k: round(v, 1) for k, v in tot.items()}, "total_s": round(all_s, 1),
                      "eval_share": round(tot["eval_s"] / all_s, 3) if all_s else None,
-                     "tasks_reused": sum(bool(t.get("reused")) for t in seeds[0]["timings"])}
+                     "tasks_reused": sum(bool(t.get("reused")) for t in first["timings"])}
     return out
 
 
