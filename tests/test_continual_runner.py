@@ -69,6 +69,11 @@ def test_a_second_run_into_the_same_directory_is_refused_unless_resumed(tmp_path
 
     rep = _run(tmp_path, "task-il", ["seqft"])
     conf = tiny_config(tmp_path / "tasks", "task-il")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("a user's file")
+    with pytest.raises(MtpeftError, match="not empty and holds no continual run"):
+        run_continual(conf, tmp_path / "other", ["seqft"], [0], progress=False)
+    assert [p.name for p in (tmp_path / "other").iterdir() if p.name != ".mtpeft.lock"] == ["notes.txt"]
     with pytest.raises(MtpeftError, match="--resume"):
         run_continual(conf, tmp_path / "out", ["seqft"], [0], progress=False)
     again = run_continual(conf, tmp_path / "out", ["seqft"], [0], resume=True, progress=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import MtpeftError
 from ..faults import crash_point, phase
+from ..lock import LOCK_NAME
 from .matrix import AccuracyMatrix
 from .rundir import RUN_FORMAT, read_run, read_state, read_untrained, run_folder, safe_name
 from .rundir import VERSION as RUN_VERSION
@@ -76,7 +77,8 @@ class ContinualRun:
                                   "differ); resume with the same config and caps, or give a new --out")
             strategies = list(dict.fromkeys([*saved.get("strategies", []), *strategies]))
             seeds = list(dict.fromkeys([*saved.get("seeds", []), *seeds]))
-        elif self.out.exists() and any(self.out.iterdir()) and not (self.out / ".mtpeft.lock").exists():
+        elif any(p.name != LOCK_NAME and not _temp_of_run_file(p.name) for p in self.out.iterdir()):
+            # the lock is this run's own; a run killed before run.json's first commit leaves only a temp file
             raise MtpeftError(f"{self.out} is not empty and holds no continual run; give a new or empty --out")
         stream = self.stream(seeds[0])
         self.run_file = {"format": RUN_FORMAT, "version": RUN_VERSION, "stream": stream.describe(),
@@ -253,6 +255,11 @@ class ContinualRun:
         self._commit(strategy, folder, len(stream), matrix, [timing], len(stream), accuracies=accs)
         bar.update(len(stream))
         self.log(f"{strategy.name} seed {ctx.seed}: " + " ".join(f"{t}={a:.3f}" for t, a in accs.items()))
+
+
+def _temp_of_run_file(name: str) -> bool:
+    """A temporary file an atomic write of run.json leaves when killed before its rename (``mtpeft.io``)."""
+    return name.startswith(".run.json.") and name.endswith(".tmp")
 
 
 def _bar(total: int, enabled: bool):
