@@ -73,8 +73,8 @@ def aggregate(runs: list[dict]) -> dict:
     out = {}
     for bb in dict.fromkeys(r["backbone"] for r in runs):
         rs = [r for r in runs if r["backbone"] == bb]
-        keys = ("teacher_mean", "student_mean", "prompt_eq_mean", "student_over_teacher", "target_mpt_mean",
-                "target_prompt_mean")
+        keys = ("teacher_mean", "student_mean", "prompt_eq_mean", "student_over_teacher", "zero_shot_mean",
+                "majority_mean", "target_mpt_mean", "target_prompt_mean", "target_zero_shot_mean", "target_majority_mean")
         agg = {k: _stat(r["summary"].get(k) for r in rs) for k in keys}
         p = rs[0]["parameters"]
         agg["parameters"] = p
@@ -103,18 +103,19 @@ def main(argv=None) -> dict:
     if a.targets is not None:
         cfg = replace(cfg, targets=a.targets)
     backbones, seeds = (["tiny-bert"], [0]) if a.quick else (a.backbones, a.seeds)
+    from mtpeft.mpt.config import config_dict
+
+    path = Path(a.out) if a.out else RESULTS / "mpt.json"
     runs = []
     for bb in backbones:
         for seed in seeds:
             runs.append(run_one(cfg, bb, seed, a))
             print(f"{bb} seed {seed}: {runs[-1]['summary']}", flush=True)
-    from mtpeft.mpt.config import config_dict
-
-    payload = {"benchmark": "mpt", "environment": environment(), "quick": a.quick, "config": config_dict(cfg),
-               "command": "python benchmarks/bench_mpt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "by_backbone": aggregate(runs), "runs": runs}
-    path = Path(a.out) if a.out else RESULTS / "mpt.json"
-    write_json(path, payload)
+            done = len(runs) == len(backbones) * len(seeds)
+            payload = {"benchmark": "mpt", "environment": environment(), "quick": a.quick, "config": config_dict(cfg),
+                       "command": "python benchmarks/bench_mpt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "complete": done, "by_backbone": aggregate(runs), "runs": runs}
+            write_json(path, payload)  # after every run: a stopped benchmark keeps what it measured
     print(f"wrote {path}")
     return payload
 

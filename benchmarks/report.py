@@ -205,6 +205,64 @@ def continual_table(d: dict, name: str) -> list[str]:
     return out
 
 
+def _ms(xs) -> str:
+    """mean ± sample std of accuracies over seeds, in percentage points."""
+    import statistics
+
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    return f"{100 * statistics.fmean(xs):.1f}" + (f" ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+
+
+def _cell(rs: list[dict], part: str, task: str, key: str) -> str:
+    return _ms(next(x[key] for x in r[part] if x["task"] == task) for r in rs)
+
+
+def _mean_row(rs: list[dict], keys: tuple[str, ...]) -> str:
+    return "| **mean** | " + " | ".join(_ms(r["summary"].get(k) for r in rs) for k in keys) + " |"
+
+
+def _mpt_backbone(bb: str, agg: dict, rs: list[dict]) -> list[str]:
+    p = agg["parameters"]
+    seeds = ", ".join(str(r["seed"]) for r in rs)
+    out = [(f"*{bb}* (seeds {seeds}; ≤{rs[0]['max_examples']} examples per split; trainable parameters per task: "
+            f"teacher prompt {p['teacher_per_task']:,}, student factors {p['student_per_task']:,} "
+            f"({p['student_over_teacher']:.3f} of a teacher's; the shared prompt, {p['shared_prompt']:,}, once)"),
+           "", "| source task | teacher | MPT student | prompt tuning, student's steps | zero-shot | majority |",
+           "|---|---|---|---|---|---|"]
+    for t in [x["task"] for x in rs[0]["sources"]]:
+        out.append(f"| `{t}` | " + " | ".join(_cell(rs, "sources", t, k) for k in
+                                             ("teacher", "student", "prompt_eq", "zero_shot", "majority")) + " |")
+    out.append(_mean_row(rs, ("teacher_mean", "student_mean", "prompt_eq_mean", "zero_shot_mean", "majority_mean")))
+    if rs[0]["targets"]:
+        out += ["", "| held-out task | MPT target stage | prompt tuning from scratch, equal steps | zero-shot | majority |",
+                "|---|---|---|---|---|"]
+        for t in [x["task"] for x in rs[0]["targets"]]:
+            out.append(f"| `{t}` | " + " | ".join(_cell(rs, "targets", t, k) for k in
+                                                 ("mpt", "prompt_scratch", "zero_shot", "majority")) + " |")
+        out.append(_mean_row(rs, ("target_mpt_mean", "target_prompt_mean", "target_zero_shot_mean",
+                                  "target_majority_mean")))
+    sot = agg["student_over_teacher"]["mean"]
+    out += ["", "Goals: " + "; ".join(f"{k}: {'—' if v is None else 'met' if v else 'missed'}"
+                                    for k, v in agg["goals"].items())
+            + ("" if sot is None else f" (student/teacher accuracy {100 * sot:.1f} %)"), ""]
+    return out
+
+
+def mpt_table(d: dict) -> list[str]:
+    """Multitask prompt tuning (`mpt.json`): per backbone and task, mean ± std over seeds."""
+    c = d["config"]
+    out = [(f"**Multitask prompt tuning** (`mpt.json`; `{d['command']}`; config `configs/mpt-distil.yaml`: "
+            f"{c['n_tokens']} virtual tokens, rank {c['rank']}, teachers ≤{c['teacher']['max_steps']}, student "
+            f"≤{c['student']['max_steps']}, target ≤{c['target']['max_steps']} steps of {c['student']['batch_size']}, "
+            f"target init `{c['target']['init']}`; test accuracy in percentage points, mean ± std over seeds"
+            + ("" if d.get("complete", True) else "; PARTIAL: not every run finished") + "):"), ""]
+    for bb, agg in d["by_backbone"].items():
+        out += _mpt_backbone(bb, agg, [r for r in d["runs"] if r["backbone"] == bb])
+    return out
+
+
 def memory_table(d: dict) -> list[str]:
     """Replay-memory search (`memory.json`): 32 queries, k = 32, CPU ms per search, against torch."""
     out = [(f"**Replay memory search** (`memory.json`; 32 queries, k = 32, d = 384, clustered keys, "
@@ -245,6 +303,8 @@ def render() -> str:
             parts.append(continual_table(d, name))
     if (d := _load("memory")):
         parts.append(memory_table(d))
+    if (d := _load("mpt")):
+        parts.append(mpt_table(d))
     if (d := _load("experts_minilm_lora")):
         parts.append(experts_table(d))
     train = _load("train_step")

@@ -25,6 +25,14 @@ def test_quick_run_writes_the_report(tmp_path, monkeypatch):
     assert agg["goals"]["student/teacher parameters per task <= 0.1"] is (
         run["parameters"]["student_over_teacher"] <= 0.1)
     assert (tmp_path / "work" / "tiny-bert" / "seed0" / "bank" / "manifest.json").is_file()
+    assert d["complete"] is True
+    # the baselines beside every row: the majority class of the same capped test split, and the bare backbone
+    from mtpeft.suite import load_task
+
+    for r, spec in zip(run["sources"], specs[:2]):
+        assert r["majority"] == round(load_task(spec, max_examples=24, seed=0).majority_baseline("test"), 4)
+        assert isinstance(r["zero_shot"], float)
+    assert agg["majority_mean"]["mean"] == run["summary"]["majority_mean"]
 
 
 def test_aggregate_over_seeds(monkeypatch):

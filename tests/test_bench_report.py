@@ -74,3 +74,28 @@ def test_route_table_mean_and_std_over_seeds(report):
     assert "| zero-shot | 25.0 ± 0.0 | 25.0 ± 0.0 |" in text
     assert text.index("| zero-shot") < text.index("| arrow")  # the table's order, not the file's
     assert "arrow h1 90%" in text and "seeds 0, 1, 2" in text
+
+
+def test_mpt_table_means_over_seeds(report):
+    """The MPT table: per task mean ± std over the seeds' runs, the baselines beside, the goals said."""
+    def run(seed, teacher, student):
+        src = [{"task": "a", "teacher": teacher, "student": student, "prompt_eq": 0.5, "zero_shot": 0.2, "majority": 0.4}]
+        tgt = [{"task": "h", "mpt": 0.7, "prompt_scratch": 0.6, "zero_shot": 0.1, "majority": 0.3}]
+        summ = {"teacher_mean": teacher, "student_mean": student, "prompt_eq_mean": 0.5, "zero_shot_mean": 0.2,
+                "majority_mean": 0.4, "target_mpt_mean": 0.7, "target_prompt_mean": 0.6, "target_zero_shot_mean": 0.1,
+                "target_majority_mean": 0.3, "student_over_teacher": student / teacher}
+        return {"backbone": "minilm", "seed": seed, "max_examples": 400, "sources": src, "targets": tgt,
+                "summary": summ}
+    params = {"teacher_per_task": 7680, "student_per_task": 404, "student_over_teacher": 0.0526, "shared_prompt": 7680}
+    runs = [run(0, 0.8, 0.78), run(1, 0.8, 0.80), run(2, 0.8, 0.82)]
+    by = {"minilm": {"parameters": params, "student_over_teacher": {"mean": 1.0},
+                     "goals": {"student/teacher accuracy >= 0.97": True, "target MPT > prompt tuning from scratch": False}}}
+    cfg = {"n_tokens": 20, "rank": 1, "teacher": {"max_steps": 150}, "student": {"max_steps": 300, "batch_size": 16},
+           "target": {"max_steps": 100, "init": "average"}}
+    (report.RESULTS / "mpt.json").write_text(json.dumps({"config": cfg, "command": "python benchmarks/bench_mpt.py",
+                                                         "complete": False, "by_backbone": by, "runs": runs}))
+    text = report.render()
+    assert "| `a` | 80.0 ± 0.0 | 80.0 ± 2.0 | 50.0 ± 0.0 | 20.0 ± 0.0 | 40.0 ± 0.0 |" in text
+    assert "| `h` | 70.0 ± 0.0 | 60.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 |" in text
+    assert "seeds 0, 1, 2" in text and "PARTIAL" in text
+    assert "student/teacher accuracy >= 0.97: met" in text and "target MPT > prompt tuning from scratch: missed" in text

@@ -41,13 +41,37 @@ def cmd_bank_show(args):
         print(f"{'metadata':15s} {json.dumps(entry['metadata'])}")
 
 
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise MtpeftError(f"{what} {text!r} has an empty name; give names separated by commas, e.g. a-mpt,b-mpt")
+    return names
+
+
 def cmd_bank_export(args):
     from ..api import open_bank
     from ..interop import export_peft
 
+    names = _names(args.module, "module")
     bank, _ = open_bank(args.bank)
-    export_peft(bank, args.module, args.dir)
-    print(json.dumps({"exported": args.module, "dir": str(args.dir)}) if args.json else f"wrote peft adapter {args.dir}")
+    missing = [n for n in names if n not in bank.names]
+    if missing:
+        raise MtpeftError(f"no module {missing[0]!r} in {args.bank}; it has: {', '.join(bank.names)}")
+    if bank.record(names[0]).type == "mpt":  # one group of MPT modules: one multitask prompt tuning adapter
+        from ..mpt import export_peft_mpt
+
+        order = export_peft_mpt(bank, names, args.dir)
+        if args.json:
+            print(json.dumps({"exported": order, "dir": str(args.dir), "peft_task_ids": order}))
+        else:
+            print(f"wrote peft multitask prompt tuning adapter {args.dir}; task ids: "
+                  + ", ".join(f"{t}={n}" for t, n in enumerate(order)))
+        return
+    if len(names) > 1:
+        raise MtpeftError(f"only MPT modules export together (as one multitask adapter); {names[0]!r} is of type "
+                          f"{bank.record(names[0]).type!r}: export one module at a time")
+    export_peft(bank, names[0], args.dir)
+    print(json.dumps({"exported": names[0], "dir": str(args.dir)}) if args.json else f"wrote peft adapter {args.dir}")
 
 
 def cmd_bank_rm(args):
@@ -61,14 +85,31 @@ def cmd_bank_rm(args):
 def cmd_bank_import(args):
     from ..api import open_bank
     from ..bank import locked, read_manifest
-    from ..interop import import_peft
+    from ..interop import import_peft, read_adapter
 
     read_manifest(args.bank)  # not a bank: said before a lock file is left in the directory
+    config, _ = read_adapter(args.dir)
     with locked(args.bank):
         bank, _ = open_bank(args.bank)
-        name = import_peft(bank, args.dir, name=args.name, task=args.task)
+        if config.get("peft_type") == "MULTITASK_PROMPT_TUNING":
+            name = _import_mpt(bank, args, config)
+        else:
+            name = import_peft(bank, args.dir, name=args.name, task=args.task)
         bank.save(args.bank)
-    print(json.dumps({"imported": name, "bank": str(args.bank)}) if args.json else f"imported {name} into {args.bank}")
+    print(json.dumps({"imported": name, "bank": str(args.bank)}) if args.json
+          else f"imported {', '.join(name) if isinstance(name, list) else name} into {args.bank}")
+
+
+def _import_mpt(bank, args, config: dict) -> list[str]:
+    """A multitask prompt tuning adapter: task id ``t`` becomes module ``names[t]`` (default ``<name>-t<t>``)."""
+    from ..mpt import import_peft_mpt
+
+    T = config.get("num_tasks")
+    base = args.name or args.dir.resolve().name
+    names = _names(args.names, "--names") if args.names else \
+        [f"{base}-t{t}" for t in range(T)] if isinstance(T, int) and T > 0 else []
+    tasks = _names(args.task, "--task") if args.task else None
+    return import_peft_mpt(bank, args.dir, names, shared=args.shared or base, tasks=tasks)
 
 
 
@@ -85,9 +126,16 @@ def add_parser(sub) -> None:
 
     bank_cmd("ls", "list the modules of a bank", cmd_bank_ls)
     bank_cmd("show", "details of one module", cmd_bank_show, "module")
-    bank_cmd("export", "write a module as a peft adapter directory (lora, ia3, prompt)", cmd_bank_export,
-             "module", "dir")
+    s = bank_cmd("export", "write a module as a peft adapter directory (lora, ia3, prompt; MPT modules of one group "
+                 "together as one multitask prompt tuning adapter)", cmd_bank_export, "module", "dir")
+    s.epilog = ("MODULE may be a comma-separated list of MPT modules of one group, e.g. a-mpt,b-mpt: peft's task id t "
+                "is the t-th name (printed).")
     bank_cmd("rm", "remove a module from a bank (its weights file too)", cmd_bank_rm, "module")
     s = bank_cmd("import", "bring a peft adapter directory into a bank", cmd_bank_import, "dir")
     s.add_argument("--name", default=None, help="the module's name in the bank (default: the directory's name)")
-    s.add_argument("--task", default=None, help="the task the adapter was trained on (for task-id routing)")
+    s.add_argument("--task", default=None, help="the task the adapter was trained on (for task-id routing); for a "
+                   "multitask prompt tuning adapter, one task per task id, comma-separated")
+    s.add_argument("--names", default=None, help="multitask prompt tuning adapters: the modules' names, one per peft "
+                   "task id, comma-separated (default: NAME-t0, NAME-t1, ...)")
+    s.add_argument("--shared", default=None, help="multitask prompt tuning adapters: the name of the imported shared "
+                   "prompt P* (default: NAME); it must not be one the bank has")

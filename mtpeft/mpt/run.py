@@ -23,6 +23,14 @@ def _acc(bank, scorer, task, module: str | None) -> float | None:
     return None if module is None else round(evaluate(bank, scorer, task, module)["accuracy"], 4)
 
 
+def _floor(bank, scorer, task) -> dict:
+    """The baselines beside every row: the bare backbone (zero-shot) and the majority class, on the test split."""
+    from ..train import evaluate
+
+    r = evaluate(bank, scorer, task, None)
+    return {"zero_shot": round(r["accuracy"], 4), "majority": round(r["majority"], 4)}
+
+
 def _baseline(bank, scorer, task, cfg: DistilConfig, budget, max_steps, progress) -> tuple[str | None, dict]:
     """``<task>-pt``: a single-task prompt trained at ``budget`` (kept when the bank has it)."""
     from ..train import fit_expert
@@ -109,7 +117,7 @@ def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress) -> dic
     pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, max_steps, progress)
     return {"task": t.name, "teacher": _acc(bank, scorer, t, teacher["module"]),
             "student": _acc(bank, scorer, t, student_name(t.name)), "prompt_eq": _acc(bank, scorer, t, pt),
-            "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps")}
+            "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps"), **_floor(bank, scorer, t)}
 
 
 def _target_row(bank, scorer, t, sources, cfg, max_steps, progress) -> dict:
@@ -124,6 +132,7 @@ def _target_row(bank, scorer, t, sources, cfg, max_steps, progress) -> dict:
     pt, pm = _baseline(bank, scorer, t, cfg, cfg.target, max_steps, progress)
     return {"task": t.name, "init": a.get("init"), "mpt": _acc(bank, scorer, t, name),
             "prompt_scratch": _acc(bank, scorer, t, pt), "steps": a.get("steps"), "prompt_steps": pm.get("steps"),
+            **_floor(bank, scorer, t),
             **({"similar": a["similar"]} if "similar" in a else {})}
 
 
@@ -135,8 +144,11 @@ def _mean(xs) -> float | None:
 def summary(rows: list[dict], target_rows: list[dict]) -> dict:
     teacher, student = _mean(r["teacher"] for r in rows), _mean(r["student"] for r in rows)
     out = {"teacher_mean": teacher, "student_mean": student, "prompt_eq_mean": _mean(r["prompt_eq"] for r in rows),
-           "student_over_teacher": round(student / teacher, 4) if teacher else None}
+           "student_over_teacher": round(student / teacher, 4) if teacher else None,
+           "zero_shot_mean": _mean(r.get("zero_shot") for r in rows), "majority_mean": _mean(r.get("majority") for r in rows)}
     if target_rows:
         out.update(target_mpt_mean=_mean(r["mpt"] for r in target_rows),
-                   target_prompt_mean=_mean(r["prompt_scratch"] for r in target_rows))
+                   target_prompt_mean=_mean(r["prompt_scratch"] for r in target_rows),
+                   target_zero_shot_mean=_mean(r.get("zero_shot") for r in target_rows),
+                   target_majority_mean=_mean(r.get("majority") for r in target_rows))
     return out
