@@ -87,9 +87,10 @@ def test_different_layers_use_their_own_logits():
     assert (after - before).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", ["encoder", "causal"])
 @pytest.mark.parametrize("n_splits", [1, 4])
-def test_mixing_per_distinct_task_equals_mixing_per_example(n_splits):
-    bank, r = skills_bank(n_skills=3, n_splits=n_splits, shared=True)
+def test_mixing_per_distinct_task_equals_mixing_per_example(n_splits, family):
+    bank, r = skills_bank(n_skills=3, n_splits=n_splits, shared=True, family=family)
     task_of = ["c", "a", "c", "b", "a"]
     ctx = RouteContext.for_tasks(task_of)
     got = out(bank, r, ctx, B=5)
