@@ -254,3 +254,88 @@ def test_cli_trains_poly_skills_and_eval_routes_through_the_matrix(tmp_path, cap
                                          "--task-file", f"ta={a}", "--out", tmp_path / "x")
     assert "--router" in error_of(capsys, "train", "--backbone", "tiny-bert", "--splits", 2, "--multitask",
                                   "--task-file", f"ta={a}", "--out", tmp_path / "x")
+
+
+# ---- LoraHub -------------------------------------------------------------------------------------------------
+
+def test_lorahub_optimiser_stays_in_bounds_and_finds_the_minimum():
+    from mtpeft.skills.lorahub import optimise_weights
+
+    calls = []
+
+    def loss(w):
+        calls.append(list(w))
+        return sum((a - b) ** 2 for a, b in zip(w, [0.0, 1.0, -1.0]))
+
+    w, obj = optimise_weights(loss, 3, budget=40, seed=0)
+    assert len(calls) == 40 and calls[0] == [0.0] * 3  # the search starts at w = 0, as the reference
+    assert max(abs(a - b) for a, b in zip(w, [0.0, 1.0, -1.0])) < 0.15, w
+    assert obj == pytest.approx(loss(w) + 0.05 * sum(map(abs, w)) / 3)
+    far = []  # a minimum far outside the box: every evaluation and the result stay in [-1.5, 1.5]
+    w, _ = optimise_weights(lambda v: far.append(v) or sum((x - 3.0) ** 2 for x in v), 2, budget=40, seed=1)
+    assert all(-1.5 <= x <= 1.5 for v in far for x in v) and min(w) > 1.3
+    with pytest.raises(MtpeftError, match="budget"):
+        optimise_weights(loss, 3, budget=0)
+
+
+def lora_library(names=("n1", "good", "n2", "n3")):
+    from mtpeft.backbone import load_backbone
+    from mtpeft.scorer import make_scorer
+
+    bb = load_backbone("tiny-bert", seed=0)
+    bank = ModuleBank(bb)
+    for i, n in enumerate(names):
+        bank.add(n, "lora", {"r": 4}, seed=i)
+        perturb(bank, n, std=1.0, seed=10 + i)
+    bank.freeze()
+    return bank, make_scorer(bb)
+
+
+def test_lorahub_recovers_the_expert_that_solves_a_synthetic_task():
+    """The synthetic task: reproduce one library expert's weight update. LoraHub's composition (A and B mixed
+    separately, so Delta W = B'A' has cross terms) and search find that expert alone (up to the sign both
+    factors can take), within the bounds, in 40 evaluations."""
+    from mtpeft.skills.lorahub import optimise_weights
+
+    names = ["n1", "good", "n2", "n3"]
+    bank, _ = lora_library(names)
+    params = [bank.module_parameters(n) for n in names]
+    sites = sorted({k.rsplit(".", 1)[0] for k in params[0]})
+    target = {s: params[1][s + ".lora_B"] @ params[1][s + ".lora_A"] for s in sites}
+    norm = sum(float(t.pow(2).sum()) for t in target.values())
+
+    @torch.no_grad()
+    def loss(w):
+        err = 0.0
+        for s in sites:
+            A = sum(wi * p[s + ".lora_A"] for wi, p in zip(w, params))
+            B = sum(wi * p[s + ".lora_B"] for wi, p in zip(w, params))
+            err += float((B @ A - target[s]).pow(2).sum())
+        return err / norm
+
+    w, _ = optimise_weights(loss, len(names), seed=0)
+    assert abs(abs(w[1]) - 1.0) < 0.15 and max(abs(w[i]) for i in (0, 2, 3)) < 0.15, w
+    assert all(-1.5 <= x <= 1.5 for x in w)
+
+
+def test_lorahub_end_to_end_adds_the_composed_module():
+    from mtpeft.skills.lorahub import few_shot_loss, lorahub
+
+    bank, scorer = lora_library()
+    task = synthetic_task("toy", n=32, seed=0)
+    at_zero = few_shot_loss(bank, scorer, task, ["n1", "good", "n2", "n3"], max_examples=16)([0.0] * 4)
+    res = lorahub(bank, scorer, task, max_examples=16, budget=12, seed=0)
+    w = res["weights"]
+    assert list(w) == ["n1", "good", "n2", "n3"] and all(-1.5 <= v <= 1.5 for v in w.values())
+    assert res["objective"] <= at_zero  # the start (w = 0) is evaluated: the result is never worse
+    rec = bank.record("toy-lorahub")
+    assert rec.task == "toy" and rec.metadata["lorahub"] == {k: round(v, 6) for k, v in w.items()}
+    mixed = bank.module_parameters("toy-lorahub")
+    for k, p in mixed.items():
+        want = sum(v * bank.module_parameters(n)[k] for n, v in w.items())
+        torch.testing.assert_close(p.detach(), want.detach(), atol=1e-6, rtol=1e-6)
+    with pytest.raises(MtpeftError, match="already has a module"):
+        lorahub(bank, scorer, task, ["n1", "good"], max_examples=4, budget=2)
+    with pytest.raises(MtpeftError, match="one group"):
+        bank.add("other", "lora", {"r": 2})
+        lorahub(bank, scorer, task, ["n1", "other"], name="x", max_examples=4, budget=2)
