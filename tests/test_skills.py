@@ -17,10 +17,11 @@ from mtpeft.skills import add_skills, add_task_row, average_skills, check_kind, 
 TASKS = ["a", "b", "c"]
 
 
-def skills_bank(n_skills=3, n_splits=1, shared=False, family="encoder", seed=0):
-    """A tiny bank with ``n_skills`` perturbed LoRA skills (r=2 on query and value) and their router."""
+def skills_bank(n_skills=3, n_splits=1, shared=False, family="encoder", seed=0, mtype="lora"):
+    """A tiny bank with ``n_skills`` perturbed skills (LoRA r=2 on query and value by default) and their router."""
     bank = ModuleBank(make_backbone(family))
-    r = add_skills(bank, "sk", n_skills, TASKS, "lora", {"r": 2}, n_splits=n_splits, shared_routing=shared)
+    cfg = {"r": 2} if mtype == "lora" else {}
+    r = add_skills(bank, "sk", n_skills, TASKS, mtype, cfg, n_splits=n_splits, shared_routing=shared)
     for i, n in enumerate(r.module_names):
         perturb(bank, n, seed=seed + i)
     bank.freeze()
@@ -87,10 +88,10 @@ def test_different_layers_use_their_own_logits():
     assert (after - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["encoder", "causal"])
+@pytest.mark.parametrize(("family", "mtype"), [("encoder", "lora"), ("causal", "lora"), ("encoder", "parallel")])
 @pytest.mark.parametrize("n_splits", [1, 4])
-def test_mixing_per_distinct_task_equals_mixing_per_example(n_splits, family):
-    bank, r = skills_bank(n_skills=3, n_splits=n_splits, shared=True, family=family)
+def test_mixing_per_distinct_task_equals_mixing_per_example(n_splits, family, mtype):
+    bank, r = skills_bank(n_skills=3, n_splits=n_splits, shared=True, family=family, mtype=mtype)
     task_of = ["c", "a", "c", "b", "a"]
     ctx = RouteContext.for_tasks(task_of)
     got = out(bank, r, ctx, B=5)
