@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import MtpeftError
 from .routing import LocalRouting
 
 # Cost model of the per-token dispatch, in multiply-add equivalents per token:
@@ -116,6 +117,14 @@ def routed_delta(stack, x: Tensor, local: LocalRouting, path: str | None = None)
         single = getattr(stack, "single", None)
         if single is not None and local.single_expert is not None:  # one expert for all: plain matmuls
             return single(x, local.single_expert)
+        if local.rows is not None:  # one mixture per distinct task (Poly, MHR): parameters mixed per row
+            per_task = getattr(stack, "per_task", None)
+            if per_task is None:
+                raise MtpeftError(f"{type(stack).__name__} cannot mix its parameters per task (factored routing); "
+                                  "skills (Poly, MHR) need low-rank modules such as LoRA")
+            if x.dim() == 2:
+                return per_task(x[:, None], local.indices, local.weights.to(x.dtype), local.rows)[:, 0]
+            return per_task(x, local.indices, local.weights.to(x.dtype), local.rows)
         idx, w = _sparsify_rows(local.indices, local.weights)
         if x.dim() == 2:  # [B, d]: a single position per example
             return stack.per_example(x[:, None], idx, w.to(x.dtype), local.mix)[:, 0]

@@ -4,6 +4,10 @@ A ``Routing`` says, for each example (``[B, K]``) or each token (``[B, T, K]``),
 serve it and with what weight. ``indices`` names the modules (global ids in the bank); when it is
 ``None`` the weights are dense over the whole bank (``K == E``). ``mix`` chooses between mixing
 the modules' outputs (a mixture of experts) and mixing their parameters (Poly/MHR, LoraHub).
+
+Factored routing (``rows``, with ``mix='params'``): ``weights`` holds one row per distinct task (``[G, K]``, or
+``[G, n_splits, K]`` for multi-head routing, each block of the layer's width with its own mixture) and ``rows``
+``[B]`` names each example's row, so the modules' parameters are mixed once per row, not once per example.
 """
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ class Routing:
     weights: Tensor
     indices: Tensor | None = None
     mix: str = "output"
+    rows: Tensor | None = None  # [B]: each example's row of weights (factored routing, mix='params' only)
 
     def __post_init__(self):
+        if self.rows is not None:
+            self._check_rows()
         if self.weights.dim() not in (2, 3):
             raise MtpeftError(
                 f"routing weights must be [batch, K] (per example) or [batch, tokens, K] (per token), "
@@ -41,16 +48,42 @@ class Routing:
                 raise MtpeftError("routing indices must be an integer tensor of module ids")
         if self.mix not in MIX_MODES:
             raise MtpeftError(f"routing mix must be one of {MIX_MODES}, got {self.mix!r}")
-        if self.mix == "params" and self.weights.dim() == 3:
+        if self.mix == "params" and self.weights.dim() == 3 and self.rows is None:
             raise MtpeftError("mix='params' works per example or per task; use mix='output' for per-token routing")
+
+    def _check_rows(self) -> None:
+        if self.mix != "params":
+            raise MtpeftError("routing rows (one row of weights per distinct task) need mix='params'")
+        if self.rows.dim() != 1 or self.rows.dtype not in (torch.int64, torch.int32):
+            raise MtpeftError(f"routing rows must be a 1-D integer tensor [batch], got {tuple(self.rows.shape)} "
+                              f"{self.rows.dtype}")
+        if self.rows.numel() and (int(self.rows.min()) < 0 or int(self.rows.max()) >= self.weights.shape[0]):
+            raise MtpeftError(f"routing rows must index the {self.weights.shape[0]} rows of the weights")
 
     @property
     def per_token(self) -> bool:
-        return self.weights.dim() == 3
+        return self.weights.dim() == 3 and self.rows is None
+
+    @property
+    def splits(self) -> int:
+        """Blocks of the layer's width, each with its own mixture (multi-head routing); 1 otherwise."""
+        return self.weights.shape[1] if self.rows is not None and self.weights.dim() == 3 else 1
 
     @property
     def batch_size(self) -> int:
-        return self.weights.shape[0]
+        return self.weights.shape[0] if self.rows is None else self.rows.shape[0]
+
+    def per_example(self) -> Routing:
+        """The same routing with one row per example (factored rows gathered; multi-head splits averaged,
+        which is what a consumer that cannot split sees: for reports only)."""
+        if self.rows is None:
+            return self
+        w, idx = self.weights[self.rows], None if self.indices is None else self.indices[self.rows]
+        if w.dim() == 3:
+            if idx is not None and not bool((idx == idx[:, :1]).all()):
+                raise MtpeftError("per-split routing over different modules per split has no per-example form")
+            w, idx = w.mean(1), None if idx is None else idx[:, 0]
+        return Routing(w, idx, self.mix)
 
     @classmethod
     def one_hot(cls, ids: Tensor | list[int], dtype=torch.float32) -> Routing:
@@ -68,12 +101,15 @@ class Routing:
 
     def repeat_interleave(self, n: int) -> Routing:
         """Repeat every example's routing n times (one row per candidate label in rank scoring)."""
+        if self.rows is not None:  # only the examples repeat, not the rows of weights
+            return Routing(self.weights, self.indices, self.mix, self.rows.repeat_interleave(n))
         idx = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
         return Routing(self.weights.repeat_interleave(n, dim=0), idx, self.mix)
 
     def to(self, device) -> Routing:
         idx = None if self.indices is None else self.indices.to(device)
-        return Routing(self.weights.to(device), idx, self.mix)
+        rows = None if self.rows is None else self.rows.to(device)
+        return Routing(self.weights.to(device), idx, self.mix, rows)
 
     def pad_tokens(self, n_before: int) -> Routing:
         """Per-token routing: give n_before prepended (virtual) positions the first real token's routing."""
@@ -175,14 +211,15 @@ class RouteContext:
 class LocalRouting:
     """Routing restricted to one group of stacked modules: ids are positions in the group's stack."""
 
-    weights: Tensor  # [B, K] or [B, T, K]
+    weights: Tensor  # [B, K] or [B, T, K]; factored: [G, K] or [G, n_splits, K]
     indices: Tensor  # same shape, local ids (entries with weight 0 may hold any valid id)
     mix: str
     num_experts: int
+    rows: Tensor | None = None  # factored routing: [B], each example's row of weights
 
     @property
     def per_token(self) -> bool:
-        return self.weights.dim() == 3
+        return self.weights.dim() == 3 and self.rows is None
 
     @functools.cached_property
     def single_expert(self) -> int | None:
@@ -190,7 +227,7 @@ class LocalRouting:
         Worked out once per forward and group (the bank caches its LocalRouting), read at every site."""
         if self.per_token or self.weights.shape[-1] != 1 or self.weights.shape[0] == 0:
             return None
-        idx = self.indices[:, 0]
+        idx = self.indices.reshape(-1)  # K == 1: one id per row (per split)
         if not bool((self.weights == 1).all()) or not bool((idx == idx[0]).all()):
             return None
         return int(idx[0])
@@ -220,7 +257,7 @@ def localize(routing: Routing, global_ids: Tensor, num_modules: int, check: bool
         if not bool((w != 0).any()):
             return None
         idx = torch.arange(n_local, device=w.device).expand_as(w)
-        return LocalRouting(w, idx, routing.mix, n_local)
+        return LocalRouting(w, idx, routing.mix, n_local, routing.rows)
     lookup = torch.full((num_modules,), -1, dtype=torch.long, device=routing.indices.device)
     lookup[global_ids.to(lookup.device)] = torch.arange(n_local, device=lookup.device)
     local = lookup[routing.indices.long()]
@@ -228,4 +265,4 @@ def localize(routing: Routing, global_ids: Tensor, num_modules: int, check: bool
     if not bool(inside.any()):
         return None
     w = torch.where(inside, routing.weights, torch.zeros((), dtype=routing.weights.dtype, device=inside.device))
-    return LocalRouting(w, local.clamp_min(0), routing.mix, n_local)
+    return LocalRouting(w, local.clamp_min(0), routing.mix, n_local, routing.rows)

@@ -57,6 +57,9 @@ def run_config(args, tasks, module_config, names) -> dict:
             "sampling": args.sampling, "lr": args.lr, "batch_size": args.batch_size,
             "max_epochs": args.max_epochs, "max_steps": args.max_steps, "patience": args.patience,
             "modules": list(names), "gate": bool(getattr(args, "gate", False))}
+    if getattr(args, "router", None) is not None:  # skills (Poly/MHR): absent from other runs' state, as before
+        conf["skills"] = {"router": args.router, "skills": args.skills, "splits": args.splits,
+                          "router_lr": args.router_lr, "shared_routing": bool(args.shared_routing)}
     return json.loads(json.dumps(conf))
 
 

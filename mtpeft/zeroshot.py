@@ -67,6 +67,7 @@ class RecordingRouter(Router):
         if r is None or site in self._seen or not isinstance(r, Routing):
             return
         self._seen.add(site)
+        r = r.per_example()  # factored (per-task, per-split) routing: one row per example
         w = r.weights.detach().float()
         B, E = w.shape[0], self._num_modules
         if r.per_token:

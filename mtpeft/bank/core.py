@@ -400,7 +400,7 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
         w = local.weights * active[local.indices].to(local.weights.dtype)
         if not bool((w != 0).any()):
             return None
-        return LocalRouting(w, local.indices, local.mix, local.num_experts)
+        return LocalRouting(w, local.indices, local.mix, local.num_experts, local.rows)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, routing=None, *, ctx: RouteContext | None = None,
                 **kwargs) -> BankOutput:

@@ -32,12 +32,19 @@ def cmd_zero_shot(args):
 
 def cmd_eval(args):
     from ..api import open_bank
+    from ..skills import evaluate_skills, load_skills, skills_for_task
     from ..train import evaluate
 
     tasks = _load_tasks(args)
     bank, scorer = open_bank(args.bank)
     rows = []
     for t in tasks:
+        skills = None if args.module else skills_for_task(args.bank, t.name)
+        if skills is not None:  # a Poly/MHR inventory routes this task through its routing matrix
+            router = load_skills(bank, args.bank, skills)
+            rows.append(dict(module=skills, **evaluate_skills(bank, scorer, t, router, split=args.split,
+                                                              progress=True)))
+            continue
         module = args.module or _module_for_task(bank, t.name)
         rows.append(dict(module=module, **evaluate(bank, scorer, t, module, split=args.split, progress=True)))
     emit(args, {"bank": str(args.bank), "results": rows}, rows, ["task", "module", "split", "n", "accuracy", "majority"])
@@ -55,10 +62,12 @@ def add_parser(sub) -> None:
     s.add_argument("--split", default="test", choices=["train", "validation", "test"])
     s.set_defaults(func=cmd_zero_shot)
 
-    s = sub.add_parser("eval", help="accuracy of a bank's modules with task-id routing")
+    s = sub.add_parser("eval", help="accuracy of a bank's modules with task-id routing (a task a skills inventory "
+                       "routes, Poly/MHR, goes through its routing matrix)")
     s.add_argument("--bank", required=True, type=Path)
     _task_args(s)
     _common(s, backbone=False)
-    s.add_argument("--module", default=None, help="module to route to (default: the one trained on the task)")
+    s.add_argument("--module", default=None, help="module to route to (default: the skills that route the task, else the "
+                   "module trained on it)")
     s.add_argument("--split", default="test", choices=["train", "validation", "test"])
     s.set_defaults(func=cmd_eval)

@@ -10,9 +10,11 @@ from .common import Setting, _common, _load_tasks, _task_args, emit
 # A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
 TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
                   "max_examples": None, "seed": 0, "multitask": False, "sampling": "proportional", "lr": 1e-3,
-                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None}
+                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None,
+                  "router": None, "skills": 8, "splits": None, "router_lr": 0.1, "shared_routing": False}
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
 SAMPLINGS = ("proportional", "temperature", "uniform")
+SKILL_ROUTERS = ("poly", "mhr")
 
 # The type and range of every scalar setting, for its flag and its run-file key alike:
 # (key, kind, optional, ok, what to give, an example value).
@@ -29,6 +31,11 @@ SETTINGS = tuple(Setting(*row) for row in (
     ("max_steps", int, False, lambda v: v == -1 or v >= 1, "a positive integer, or -1 for no cap", "100"),
     ("patience", int, False, lambda v: v >= 0, "an integer >= 0", "2"),
     ("run_dir", Path, True, None, "a directory path", "runs/first"),
+    ("router", str, True, lambda v: v in SKILL_ROUTERS, "one of " + ", ".join(SKILL_ROUTERS), "poly"),
+    ("skills", int, False, lambda v: v >= 1, "a positive number of skill modules", "8"),
+    ("splits", int, True, lambda v: v >= 1, "a positive integer (MHR: at least 2)", "4"),
+    ("router_lr", float, False, lambda v: v > 0, "a positive learning rate", "0.1"),
+    ("shared_routing", bool, False, None, "true or false", "true"),
 ))
 
 
@@ -83,6 +90,16 @@ def _check_train_args(args) -> None:
     """Every setting against ``SETTINGS`` (the flags' and the run file's values alike), then the pairs."""
     for s in SETTINGS:
         setattr(args, s.key, s.check(getattr(args, s.key), s.flag, s.flag + " "))
+    if args.router is not None:
+        from ..skills import check_kind
+
+        if not args.multitask:
+            raise MtpeftError(f"--router {args.router} trains skills shared by the tasks: add --multitask")
+        if args.gate:
+            raise MtpeftError("--gate gates one expert per task; it does not apply to skills (--router)")
+        check_kind(args.router, args.splits)
+    elif args.splits is not None or args.shared_routing:
+        raise MtpeftError("--splits and --shared-routing set up skills routing: give --router poly or --router mhr")
     if args.max_epochs == -1 and args.max_steps == -1:
         raise MtpeftError("--max-epochs -1 trains without end unless --max-steps caps it; give a positive "
                           "--max-epochs (e.g. 3) or a --max-steps cap")
@@ -146,7 +163,11 @@ def _train_into(args, tasks, config):
 
     bank, scorer = load_bank_or_new(args.backbone, args.out)
     check_input_room(bank, scorer, args.module, config)  # not after training has started
-    if args.multitask:
+    if args.router is not None:
+        from ..skills import skill_names
+
+        names = skill_names(args.name or "skills", args.skills)
+    elif args.multitask:
         names = [args.name or "multitask-" + args.module]
     else:
         names = [args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}" for t in tasks]
@@ -174,6 +195,8 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
     from ..train import evaluate, fit_expert, fit_multitask
 
     rows = []
+    if args.router is not None:
+        return _train_skills(args, bank, scorer, tasks, names, config, cfg, run)
     if args.multitask:
         (name,) = names
         done = run.rows(name)
@@ -218,6 +241,32 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
     return rows
 
 
+def _train_skills(args, bank, scorer, tasks, names, config, cfg, run) -> list[dict]:
+    """Poly/MHR: the skills and their routing trained together; the router saved in OUT/routers/NAME/."""
+    from ..faults import phase
+    from ..skills import evaluate_skills, fit_skills, save_skills
+
+    name = args.name or "skills"
+    done = run.rows(names[0])
+    if done is not None:
+        return done
+    phase("train", name)
+    router, m = fit_skills(bank, scorer, tasks, args.router, args.skills, args.splits, args.module, config, cfg,
+                           router_lr=args.router_lr, shared_routing=bool(args.shared_routing), name=name,
+                           sampling=args.sampling)
+    phase("evaluate", name)
+    rows = [dict(module=name, **evaluate_skills(bank, scorer, t, router), steps=m["steps"]) for t in tasks]
+    per_task = {r["task"]: r["accuracy"] for r in rows}
+    for n in names:
+        bank.record(n).metrics.update({"test_acc": round(sum(per_task.values()) / len(per_task), 6),
+                                       "test_acc_per_task": per_task})
+    phase("save", name)
+    bank.save(args.out)
+    save_skills(router, args.out, name)
+    run.finished(names[0], rows)
+    return rows
+
+
 def add_parser(sub) -> None:
     s = sub.add_parser("train", help="train a new module per task (or one shared multitask module) into a bank")
     _task_args(s)
@@ -244,6 +293,17 @@ def add_parser(sub) -> None:
     s.add_argument("--resume", action="store_true",
                    help="finish the bank's interrupted run (state in OUT/runs/): same settings required; "
                    "modules it finished are kept, the others trained again")
+    s.add_argument("--router", default=None, choices=SKILL_ROUTERS,
+                   help="with --multitask: train --skills skill modules shared by the tasks and a task-skill routing "
+                   "matrix (poly: Polytropon; mhr: multi-head routing, --splits blocks per layer); the routing is "
+                   "saved in OUT/routers/NAME/ with a heatmap OUT/NAME-routing.png (NAME: --name, default skills)")
+    s.add_argument("--skills", type=int, default=None, help="number of skill modules with --router (default 8)")
+    s.add_argument("--splits", type=int, default=None, help="MHR: blocks of each layer's width, each with its own "
+                   "skill mixture (default 4; must divide the widths)")
+    s.add_argument("--router-lr", type=float, default=None,
+                   help="learning rate of the routing logits with --router (default 0.1; the skills use --lr)")
+    s.add_argument("--shared-routing", action="store_true", default=None,
+                   help="with --router: one routing matrix for every layer (default: one per layer)")
     s.add_argument("--gate", action="store_true",
                    help="after training each expert, train its PHATGOOSE gates and compute its retrieval centroid "
                    "(as `mtpeft gate`: 100 steps, lr 5e-3), for `mtpeft route`")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import MtpeftError
 from .base import LinearStack
 
 
@@ -46,6 +47,31 @@ class LowRankStack(LinearStack):
         h = self._act(h) * (w * self.scale).repeat_interleave(r, dim=1)[:, None, :]
         U = U.permute(0, 1, 3, 2).reshape(B, K * r, -1)  # [B,K*r,d_out]
         return torch.bmm(h, U)
+
+    def per_task(self, x: Tensor, idx: Tensor, w: Tensor, rows: Tensor) -> Tensor:
+        """Parameters mixed once per row of weights (one row per distinct task), then applied per example.
+
+        x [B,T,d_in]; idx/w [G,K], or [G,n,K] for ``n`` blocks (multi-head routing: block ``j`` of the input
+        width reads the ``j``-th column block of the mixed ``down``, block ``j`` of the output width comes from
+        the ``j``-th row block of the mixed ``up``); rows [B] -> delta [B,T,d_out]. Two einsums over the rows,
+        one gather per example: no loop over examples, tasks or experts.
+        """
+        x = self.dropout(x)
+        if w.dim() == 2:
+            w, idx = w[:, None], idx[:, None]
+        G, n, _ = w.shape
+        A = self.stacked(self.down_name)  # [E,r,d_in]
+        U = self.stacked(self.up_name)  # [E,d_out,r]
+        E, r, d_in = A.shape
+        d_out = U.shape[1]
+        if d_in % n or d_out % n:
+            raise MtpeftError(f"{n} routing splits do not divide this layer's widths ({d_in} in, {d_out} out); "
+                              "give a number of splits that divides both (e.g. 1, 2 or 4)")
+        dense = w.new_zeros(G, n, E).scatter_add_(-1, idx, w)  # [G,n,E]: each row's weight on every expert
+        A_t = torch.einsum("gne,erni->grni", dense, A.view(E, r, n, d_in // n)).reshape(G, r, d_in)
+        U_t = torch.einsum("gne,enor->gnor", dense, U.view(E, n, d_out // n, r)).reshape(G, d_out, r)
+        A_b, U_b = A_t.index_select(0, rows), U_t.index_select(0, rows)
+        return torch.bmm(self._act(torch.bmm(x, A_b.transpose(1, 2))), (U_b * self.scale).transpose(1, 2))
 
     def single(self, x: Tensor, i: int) -> Tensor:
         """Expert ``i`` on every example with weight 1: two plain matmuls, no gather or batched product."""

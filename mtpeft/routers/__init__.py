@@ -4,8 +4,9 @@ from .average import AverageRouter
 from .base import ROUTERS, Router, register_router
 from .fixed import FixedRouter
 from .phatgoose import PhatgooseGates, PhatgooseRouter
+from .poly import PolyRouter
 from .retrieval import RetrievalRouter
 from .task_id import TaskIdRouter
 
 __all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "PhatgooseGates", "PhatgooseRouter",
-           "RetrievalRouter", "Router", "TaskIdRouter", "register_router"]
+           "PolyRouter", "RetrievalRouter", "Router", "TaskIdRouter", "register_router"]

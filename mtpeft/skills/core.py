@@ -1,0 +1,207 @@
+"""Skills shared across tasks: build and train a Poly/MHR skill inventory, keep its routing with the bank,
+adapt to a new task (MHR-z: a new routing row; MHR-mu: the average of the skills as one plain module).
+
+A skill inventory named ``NAME`` is ``S`` modules ``NAME-0 .. NAME-{S-1}`` of one type and config (one group
+of the bank, so their weights are stacked) plus a ``PolyRouter`` holding the routing logits. The bank saves
+the skills like any module; ``save_skills`` writes the router beside them, in ``BANK/routers/NAME/``
+(``router.json`` + ``router.safetensors``), and a heatmap of the task-skill weights, ``BANK/NAME-routing.png``.
+"""
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..io import MtpeftError
+from ..routers.poly import PolyRouter
+
+ROUTERS_DIR = "routers"
+ROUTER_KINDS = ("poly", "mhr")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+
+
+def skill_names(name: str, n_skills: int) -> list[str]:
+    return [f"{name}-{i}" for i in range(n_skills)]
+
+
+def check_kind(kind: str, n_splits: int | None) -> int:
+    """The number of splits for router ``kind`` ('poly': 1; 'mhr': > 1, default 4)."""
+    if kind not in ROUTER_KINDS:
+        raise MtpeftError(f"skills router must be one of {ROUTER_KINDS}, got {kind!r}")
+    if kind == "poly":
+        if n_splits not in (None, 1):
+            raise MtpeftError("Poly routes each layer as a whole (1 split); for several splits use --router mhr")
+        return 1
+    n = 4 if n_splits is None else n_splits
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise MtpeftError(f"MHR needs --splits of at least 2 (1 split is Poly), got {n_splits!r}")
+    return n
+
+
+def add_skills(bank, name: str, n_skills: int, tasks: Sequence[str], module_type: str = "lora", config=None, *,
+               n_splits: int = 1, shared_routing: bool = False, seed: int = 0) -> PolyRouter:
+    """Add ``n_skills`` trainable skill modules to ``bank`` (every other module frozen) and return their router
+    over ``tasks`` (logits per site, or one matrix for every site with ``shared_routing``)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise MtpeftError(f"skills name {name!r}: use letters, digits and _ . - (e.g. 'skills')")
+    if isinstance(n_skills, bool) or not isinstance(n_skills, int) or n_skills < 1:
+        raise MtpeftError(f"--skills must be a positive number of skill modules, got {n_skills!r}")
+    names = skill_names(name, n_skills)
+    taken = [n for n in names if n in bank]
+    if taken:
+        raise MtpeftError(f"the bank already holds {taken[:3]}; give the skills another name (--name)")
+    bank.freeze()
+    added = []
+    try:
+        for n in names:
+            bank.add(n, module_type, config, task=None, seed=seed, metadata={"skill_of": name})
+            added.append(n)
+        sites = None if shared_routing else list(bank.group_of(names[0]).sites)
+        router = PolyRouter(names, list(tasks), sites, n_splits=n_splits, seed=seed)
+        router.check_bank(bank)  # the split and type checks, before any training
+    except BaseException:
+        for n in reversed(added):
+            bank.remove(n)
+        raise
+    return router
+
+
+def fit_skills(bank, scorer, tasks: Sequence, kind: str = "poly", n_skills: int = 8, n_splits: int | None = None,
+               module_type: str = "lora", config=None, cfg=None, *, router_lr: float = 0.1,
+               shared_routing: bool = False, name: str = "skills", sampling: str = "proportional") -> tuple[PolyRouter, dict]:
+    """Train a skill inventory and its routing on a mixture of ``tasks`` (the skills at ``cfg.lr``, the
+    routing logits at ``router_lr``). Returns the router (in eval mode) and the fit's metrics; the skills
+    are frozen after. A failed fit leaves the bank as it was."""
+    from ..train import TrainConfig, fit_phase
+
+    cfg = cfg or TrainConfig()
+    tasks = list(tasks)
+    splits = check_kind(kind, n_splits)
+    router = add_skills(bank, name, n_skills, [t.name for t in tasks], module_type, config, n_splits=splits,
+                        shared_routing=shared_routing, seed=cfg.seed)
+    try:
+        metrics = fit_phase(bank, scorer, tasks, router, cfg, router_lr=router_lr, name=name, sampling=sampling)
+    except BaseException:
+        for n in reversed(router.module_names):
+            bank.remove(n)
+        raise
+    router.logits.requires_grad_(False)
+    router.eval()
+    for n in router.module_names:
+        bank.freeze(n)
+        bank.record(n).metrics.update(metrics)
+    return router, metrics
+
+
+def router_dir(bank_path: str | Path, name: str) -> Path:
+    return Path(bank_path) / ROUTERS_DIR / name
+
+
+def save_skills(router: PolyRouter, bank_path: str | Path, name: str, heatmap: bool = True) -> list[Path]:
+    """Write the router to ``BANK/routers/NAME/`` and (``heatmap``) ``BANK/NAME-routing.png``; save the bank
+    itself first (``bank.save``). Returns the files written."""
+    d = router_dir(bank_path, name)
+    router.save(d)
+    out = [d / "router.json"]
+    if heatmap:
+        out.append(plot_routing(router, Path(bank_path) / f"{name}-routing.png", title=f"{name}: task-skill weights"))
+    return out
+
+
+def load_skills(bank, bank_path: str | Path, name: str) -> PolyRouter:
+    """The skills router ``name`` saved with the bank at ``bank_path``, bound to ``bank`` (eval mode)."""
+    d = router_dir(bank_path, name)
+    if not (d / "router.json").is_file():
+        raise MtpeftError(f"bank {bank_path} has no skills router {name!r} ({d}); train one with "
+                          "`mtpeft train --router poly|mhr ... --out BANK`")
+    router = PolyRouter.load(d)
+    if not isinstance(router, PolyRouter):
+        raise MtpeftError(f"{d} holds a {router.name!r} router, not a skills (poly) router")
+    router.check_bank(bank)
+    return router.to(bank.device).eval()
+
+
+def skills_for_task(bank_path: str | Path, task: str) -> str | None:
+    """The name of a skills router saved in the bank that routes ``task`` (the last by name), else None."""
+    from ..io import read_json
+
+    root = Path(bank_path) / ROUTERS_DIR
+    if not root.is_dir():
+        return None
+    found = None
+    for d in sorted(p for p in root.iterdir() if (p / "router.json").is_file()):
+        meta = read_json(d / "router.json", what="router config")
+        cfg = meta.get("config") if isinstance(meta, dict) and meta.get("name") == "poly" else None
+        if isinstance(cfg, dict) and task in (cfg.get("tasks") or []):
+            found = d.name
+    return found
+
+
+def evaluate_skills(bank, scorer, task, router: PolyRouter, split: str = "test", batch_size: int = 64,
+                    progress: bool = False) -> dict:
+    """Accuracy on ``split`` with each example routed by its task through the skills' routing matrix."""
+    from ..train import predict
+
+    router.eval()
+    preds, labels = predict(bank, scorer, task, lambda n: router, split, batch_size, progress)
+    acc = int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
+    return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
+            "majority": task.majority_baseline(split)}
+
+
+def plot_routing(router: PolyRouter, target: str | Path, title: str = "task-skill weights") -> Path:
+    """A heatmap PNG of the tasks x skills evaluation weights (averaged over sites and splits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import write_bytes
+
+    m = router.task_skill_matrix().numpy()
+    T, S = m.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * S, 1.0 + 0.4 * T))
+    im = ax.imshow(m, cmap="viridis", aspect="auto", vmin=0.0)
+    ax.set_xticks(range(S), [str(i) for i in range(S)])
+    ax.set_yticks(range(T), router.tasks)
+    ax.set_xlabel("skill")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    target = Path(target)
+    write_bytes(target, buf.getvalue())
+    return target
+
+
+# ---- few-shot transfer helpers (used by `mtpeft adapt`) ----------------------------------------------------
+
+def add_task_row(bank, router: PolyRouter, task: str) -> int:
+    """MHR-z: a new routing row for ``task``; only it trains (the skills and the other rows are frozen).
+    Returns the row."""
+    for n in router.module_names:
+        bank.freeze(n)
+    row = router.add_task(task, only_new_trains=True)
+    router.logits.requires_grad_(True)
+    return row
+
+
+@torch.no_grad()
+def average_skills(bank, router_or_skills, name: str, task: str | None = None, trainable: bool = True) -> int:
+    """MHR-mu: a new plain module ``name`` of the skills' type and config whose parameters are the mean of the
+    skills' (``A_mu = mean_s A_s``, ``B_mu = mean_s B_s``), ready to fine-tune. Returns its id."""
+    skills = list(router_or_skills.module_names if isinstance(router_or_skills, PolyRouter) else router_or_skills)
+    if not skills:
+        raise MtpeftError("average_skills needs at least one skill module")
+    rec = bank.record(skills[0])
+    params = [bank.module_parameters(s) for s in skills]
+    keys = set(params[0])
+    if any(set(p) != keys for p in params):
+        raise MtpeftError(f"the skills {skills} do not share one config; average modules of one group")
+    mean = {k: torch.stack([p[k].detach() for p in params]).mean(0) for k in keys}
+    return bank.add_from(name, rec.type, dict(rec.config), mean, task=task, trainable=trainable,
+                         metadata={"average_of": skills})
