@@ -298,7 +298,7 @@ def test_cli_distil_end_to_end(tmp_path, capsys):
     assert [r["task"] for r in rep["sources"]] == ["s1", "s2"] and [r["task"] for r in rep["targets"]] == ["t1"]
     for r in rep["sources"]:
         assert all(isinstance(r[k], float) for k in ("teacher", "student", "prompt_eq"))
-        assert r["prompt_eq_steps"] == 2  # --max-steps caps every fit
+        assert r["prompt_eq_steps"] == 1  # equal steps: the student's 2 (--max-steps caps every fit) over 2 sources
     assert rep["targets"][0]["similar"] in ("s1", "s2") and isinstance(rep["targets"][0]["prompt_scratch"], float)
     p = rep["parameters"]
     assert p["teacher_per_task"] == 4 * 32 and p["student_per_task"] == 1 * (4 + 32)

@@ -1,7 +1,8 @@
 """``mtpeft distil`` as a function: both stages into one bank, evaluated, with the report.
 
 The report (also written to ``BANK/distil-report.json``): per source task the teacher's, the distilled
-student's and single-task prompt tuning's test accuracy at the student's budget (``prompt_eq``), with the
+student's and single-task prompt tuning's test accuracy at equal steps (``prompt_eq``: the task's share of
+the student's steps, see ``equal_steps``), with the
 trainable parameters per task (absolute and as a share of the backbone's); per target task the MPT target
 stage against prompt tuning from scratch at the same budget; the summary (mean accuracies, the student's
 share of the teachers' mean accuracy, its per-task parameters as a share of a teacher's).
@@ -88,7 +89,7 @@ def run_distil(cfg: DistilConfig, out: str | Path, *, targets: list[str] | None 
         bank.save(out)
         rows, target_rows = [], []
         for t in sources:  # each baseline saved as soon as it is trained
-            rows.append(_source_row(bank, scorer, t, teachers[t.name], cfg, max_steps, progress))
+            rows.append(_source_row(bank, scorer, t, teachers[t.name], cfg, max_steps, progress, len(sources)))
             bank.save(out)
         for t in tasks_t:
             target_rows.append(_target_row(bank, scorer, t, sources, cfg, max_steps, progress))
@@ -113,8 +114,16 @@ def _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out) -> 
     return {**{k: v for k, v in fit.items() if k != "modules"}, "trained": True}
 
 
-def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress) -> dict:
-    pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, max_steps, progress)
+def equal_steps(cfg: DistilConfig, max_steps: int | None, n_sources: int) -> int:
+    """Single-task prompt tuning "at equal steps" to the student: its share of the student's steps, which the
+    student spends on the mixture of ``n_sources`` tasks (the same total compute, about the same examples of
+    the task seen). The teacher is prompt tuning at its own, larger budget."""
+    steps = cfg.student.max_steps if max_steps is None else min(max_steps, cfg.student.max_steps)
+    return max(1, -(-steps // max(1, n_sources)))
+
+
+def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress, n_sources: int) -> dict:
+    pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, equal_steps(cfg, max_steps, n_sources), progress)
     return {"task": t.name, "teacher": _acc(bank, scorer, t, teacher["module"]),
             "student": _acc(bank, scorer, t, student_name(t.name)), "prompt_eq": _acc(bank, scorer, t, pt),
             "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps"), **_floor(bank, scorer, t)}
