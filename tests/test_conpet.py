@@ -253,7 +253,10 @@ def test_cli_runs_both_conpets_and_local_adaptation(tmp_path, capsys):
         # each cuts seqft's forgetting (seqft forgets almost everything in class-IL)
         assert rep["strategies"][s]["mean"]["forgetting"] < rep["strategies"]["seqft"]["mean"]["forgetting"]
     steps = [t["steps"] for t in rep["strategies"]["conpet-static"]["seeds"]["0"]["timings"]]
-    assert steps == [20, 20, 20]
+    assert steps == [20, 20, 20] and rep["strategies"]["conpet-static"]["cost_per_task"]["steps"] == steps
+    dyn = rep["strategies"]["conpet-dynamic"]["cost_per_task"]["steps"]
+    assert dyn[0] == 20 and dyn[1] > 20  # an expert's steps, then the selector's too (none with one task)
+    assert (out / "plots" / "cost_per_task.png").exists()
     out2 = tmp_path / "out2"
     assert main(["continual", "--config", str(cfg), "--out", str(out2), "--strategy", "conpet-static",
                  "--max-steps", "10", "--local-adapt"]) == 0
@@ -262,6 +265,7 @@ def test_cli_runs_both_conpets_and_local_adaptation(tmp_path, capsys):
     assert rep2["config"]["strategies"]["conpet-static"]["local_adapt"] is True
     timings = rep2["strategies"]["conpet-static"]["seeds"]["0"]["timings"]
     assert all(t["local_adapt_n"] == 48 for t in timings)  # 3 tasks x 16 test examples, every step
+    assert rep2["strategies"]["conpet-static"]["local_adapt_ms_per_example"] > 0
     capsys.readouterr()
     assert main(["continual", "--config", str(cfg), "--out", str(tmp_path / "o3"), "--strategy", "seqft",
                  "--local-adapt"]) == 2
