@@ -270,3 +270,57 @@ def test_cli_runs_both_conpets_and_local_adaptation(tmp_path, capsys):
     assert main(["continual", "--config", str(cfg), "--out", str(tmp_path / "o3"), "--strategy", "seqft",
                  "--local-adapt"]) == 2
     assert "takes local adaptation" in capsys.readouterr().err
+
+
+# ---- the benchmark: earlier baseline rows beside the new ones -------------------------------------------
+def _bench(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(conf, strategies, **extra):
+    stat = {"acc": 0.5, "bwt": -0.1, "fwt": 0.0, "forgetting": 0.1, "intransigence": None}
+    return {"config": conf, "seeds": conf["seeds"], "stream": "tweets", "scenario": "domain-il", "tasks": ["a", "b"],
+            "command": "c", "reproduce": "r", "baselines": {"majority_acc": 0.4, "zero_shot_acc": 0.3},
+            "strategies": {s: {"mean": stat, "std": dict.fromkeys(stat), "n_finished": 3,
+                               "time": {"train_s": 1.0, "eval_s": 1.0, "memory_s": 0.0}, **extra} for s in strategies},
+            "time_split": {s: {"train_s": 1.0, "eval_s": 1.0, "memory_s": 0.0} for s in strategies}}
+
+
+def test_baseline_rows_join_only_a_run_of_the_same_config(tmp_path):
+    bench = _bench("bench_continual")
+    conf = {"backbone": "minilm", "stream": "tweets", "max_steps": 40, "compare": ["seqft"], "strategies": {},
+            "seeds": [0, 1, 2], "module": "lora", "options": {"r": 8}, "max_train": 400, "max_eval": 150,
+            "batch_size": 16}
+    base = _result(conf, ["seqft", "replay", "conpet-static"])
+    mine = {**conf, "compare": ["conpet-static"], "strategies": {"conpet-static": {"budget": 10}}}
+    bench.check_baseline(base, mine, [0, 1, 2], "base.json")  # what to run may differ
+    with pytest.raises(SystemExit, match=r"\['max_steps'\].*max_steps: 40 there, 5 here"):
+        bench.check_baseline(base, {**mine, "max_steps": 5}, [0, 1, 2], "base.json")
+    with pytest.raises(SystemExit, match="seeds"):
+        bench.check_baseline(base, mine, [0], "base.json")
+    with pytest.raises(SystemExit, match="not a continual result"):
+        bench.check_baseline({"rows": []}, mine, [0, 1, 2], "base.json")
+    new = _result(mine, ["conpet-static"], cost_per_task={"steps": [10, 10], "train_s": [2.0, 2.1]})
+    both = bench.combine(new, base, "base.json")
+    assert list(both["strategies"]) == ["seqft", "replay", "conpet-static"]
+    assert both["strategies"]["conpet-static"] == new["strategies"]["conpet-static"]  # this run's row wins
+    assert both["strategies"]["seqft"]["from"] == "base.json" and "from" not in both["strategies"]["conpet-static"]
+    report = _bench("report")
+    text = "\n".join(report.continual_table({**both, "name": "x"}, "tweets-conpet"))
+    assert "| conpet-static |" in text and "| seqft |" in text
+    assert "- conpet-static: 10, 10 | 2, 2" in text and "Rows seqft, replay come from `base.json`" in text
+    line = report.conpet_inference_line({
+        "config": {"backbone": "minilm", "module": "lora", "experts": 5, "labels": 50, "batch": 64, "threads": 1,
+                   "repeats": 5}, "reproduce": "python benchmarks/bench_conpet.py", "one_expert_ms": 100.0,
+        "selector_ms": 90.0, "conpet_dynamic_top1_ms": 195.0, "conpet_dynamic_top2_ms": 290.0, "ratio_top1": 1.95,
+        "ratio_top2": 2.9})[0]
+    assert "one expert 100 ms" in line and "top-1 expert 195 ms (1.95x)" in line
