@@ -238,6 +238,20 @@ def test_local_adapt_is_refused_where_it_cannot_act(tmp_path):
 
 
 # ---- whole runs and the CLI ----------------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", ["task-il", "domain-il"])
+def test_conpets_learn_in_the_other_scenarios(tmp_path, scenario):
+    from mtpeft.continual.runner import run_continual
+
+    conf = tiny_config(tmp_path / "tasks", scenario)
+    names = ["conpet-static", "conpet-dynamic"]
+    rep = run_continual(conf, tmp_path / "out", names, [0], progress=False)
+    for name in names:
+        m = rep["strategies"][name]["seeds"]["0"]["matrix"]
+        diag = sum(m["R"][i][i] for i in range(3)) / 3
+        assert diag > sum(m["untrained"]) / 3 + 0.15, (name, m)  # each task is learnt when it is trained
+
+
+
 def test_cli_runs_both_conpets_and_local_adaptation(tmp_path, capsys):
     from mtpeft.cli import main
 
