@@ -223,6 +223,27 @@ def test_local_adaptation_leaves_the_stored_module_unchanged(tmp_path):
     assert router.stats["examples"] == 6 and 1 <= router.stats["adaptations"] <= 6
 
 
+def test_final_only_adapts_after_the_last_task_alone(tmp_path):
+    from mtpeft.continual.local_adapt import LocalAdapted
+    from mtpeft.routers import FixedRouter
+
+    s = _context(tmp_path, name="conpet-static-mbpa", budget=2, local_adapt={"final_only": True})
+    assert s.local_adapt.final_only and s.local_adapt.k == 8  # the rest from the defaults
+    _learn(s, 0)
+    task = s.ctx.stream.tasks[0]
+    assert isinstance(s.eval_router(0, task), FixedRouter)  # not the last task: the plain module
+    _learn_from(s, 1, 2)
+    assert isinstance(s.eval_router(2, task), LocalAdapted)
+
+
+def _learn_from(strategy, first, last):
+    for step in range(first, last + 1):
+        task = strategy.ctx.stream.tasks[step]
+        strategy.before_task(step, task)
+        strategy.train_task(step, task)
+        strategy.after_task(step, task)
+
+
 def test_neighbour_groups_share_an_adaptation():
     from mtpeft.continual.local_adapt import neighbour_groups
 
@@ -235,6 +256,8 @@ def test_local_adapt_is_refused_where_it_cannot_act(tmp_path):
         _context(tmp_path, name="seqft", local_adapt=True)
     with pytest.raises(MtpeftError, match="local_adapt.k"):
         _context(tmp_path / "b", name="replay", local_adapt={"k": 0})
+    with pytest.raises(MtpeftError, match="unknown key"):
+        _context(tmp_path / "c", name="replay", local_adapt={"neighbours": 4})
 
 
 # ---- whole runs and the CLI ----------------------------------------------------------------------------

@@ -10,7 +10,9 @@ seconds spent, for the latency per example.
 
 Enabled per strategy (``strategies: {replay: {local_adapt: {k: 8, steps: 5, lr: 0.01}}}``) or for the run's
 strategies by ``mtpeft continual --local-adapt``; strategies with a memory and one shared module take it
-(``replay``, ``conpet-static``).
+(``replay``, ``conpet-static``). It costs ``steps`` forward and backward passes on ``k`` examples per distinct
+neighbour set, about one per test input: ``final_only: true`` adapts only in the evaluation after the last
+task (the final accuracies, where its gain is read; the earlier rows are the plain module's).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import Tensor
 from ..errors import MtpeftError
 from ..routers import FixedRouter
 
-DEFAULTS = {"k": 8, "steps": 5, "lr": 0.01, "l2": 0.001}
+DEFAULTS = {"k": 8, "steps": 5, "lr": 0.01, "l2": 0.001, "final_only": False}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class LocalAdaptConfig:
     steps: int = 5
     lr: float = 0.01
     l2: float = 0.001
+    final_only: bool = False  # adapt only when evaluating after the stream's last task (the rest plain)
 
     @classmethod
     def parse(cls, value, who: str) -> LocalAdaptConfig | None:
@@ -42,8 +45,8 @@ class LocalAdaptConfig:
         if value is True:
             return cls()
         if not isinstance(value, dict):
-            raise MtpeftError(f"{who}: local_adapt must be true or a mapping {{k: 8, steps: 5, lr: 0.01, l2: 0.001}}, "
-                              f"got {value!r}")
+            raise MtpeftError(f"{who}: local_adapt must be true or a mapping {{k: 8, steps: 5, lr: 0.01, l2: 0.001, "
+                              f"final_only: false}}, got {value!r}")
         unknown = sorted(set(value) - set(DEFAULTS))
         if unknown:
             raise MtpeftError(f"{who}: local_adapt has unknown key(s) {unknown}; it takes {', '.join(DEFAULTS)}")
@@ -57,7 +60,9 @@ class LocalAdaptConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") \
                     or (key == "lr" and v == 0):
                 raise MtpeftError(f"{who}: local_adapt.{key} must be a finite number > 0 (l2: >= 0), got {v!r}")
-        return cls(conf["k"], conf["steps"], float(conf["lr"]), float(conf["l2"]))
+        if not isinstance(conf["final_only"], bool):
+            raise MtpeftError(f"{who}: local_adapt.final_only must be true or false, got {conf['final_only']!r}")
+        return cls(conf["k"], conf["steps"], float(conf["lr"]), float(conf["l2"]), conf["final_only"])
 
 
 def neighbour_groups(ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -68,7 +68,8 @@ class Replay(SeqFT):
 
     def eval_router(self, step, task):
         """The shared module; with ``local_adapt``, adapted to each input's memory neighbours (MbPA++)."""
-        if self.local_adapt is None or not len(self.ctx.memory):
+        la = self.local_adapt
+        if la is None or not len(self.ctx.memory) or (la.final_only and step != len(self.ctx.stream) - 1):
             return super().eval_router(step, task)
         if getattr(self, "_adapted_step", None) != step:
             from ..local_adapt import LocalAdapted
