@@ -172,7 +172,8 @@ def route_table(d: dict, name: str = "route_heldout") -> list[str]:
     return out
 
 
-CONTINUAL_ORDER = ["seqft", "replay", "olora", "expert-router", "expert-oracle", "joint"]
+CONTINUAL_ORDER = ["seqft", "replay", "olora", "expert-router", "expert-oracle", "conpet-static", "conpet-static-mbpa",
+                   "conpet-dynamic", "joint"]
 
 
 def continual_table(d: dict, name: str) -> list[str]:
@@ -202,6 +203,27 @@ def continual_table(d: dict, name: str) -> list[str]:
         "" if b.get("zero_shot_std") is None else f" ± {100 * b['zero_shot_std']:.1f}")
     out.append(f"| zero-shot (bare backbone) | {zs} | — | — | — | — | |")
     out.append(f"| majority class | {100 * b['majority_acc']:.1f} | — | — | — | — | |")
+    return out + continual_costs(d, strategies)
+
+
+def continual_costs(d: dict, strategies: list[str]) -> list[str]:
+    """Where a result has them (ConPET runs): each task's training steps and seconds along the stream, the
+    rows taken from an earlier result, MbPA++'s latency, and conpet-dynamic's inference cost."""
+    out = []
+    costs = [(s, d["strategies"][s]["cost_per_task"]) for s in strategies if d["strategies"][s].get("cost_per_task")]
+    if costs:
+        fmt = lambda xs, f: ", ".join("—" if x is None else f.format(x) for x in xs)
+        out += ["", "Cost per task along the stream (mean over seeds; training steps | training seconds):", ""]
+        out += [f"- {s}: {fmt(c['steps'], '{:.0f}')} | {fmt(c['train_s'], '{:.0f}')}" for s, c in costs]
+    la = [(s, d["strategies"][s]["local_adapt_ms_per_example"]) for s in strategies
+          if d["strategies"][s].get("local_adapt_ms_per_example") is not None]
+    if la:
+        out += ["", "MbPA++ local adaptation at test: " + "; ".join(f"{s} {v:.0f} ms per example" for s, v in la)
+                + " (against the same strategy's evaluation without it: the row without -mbpa)."]
+    base = [s for s in strategies if d["strategies"][s].get("from")]
+    if base:
+        out += ["", (f"Rows {', '.join(base)} come from `{d.get('baseline_from')}` (the same config, data, steps "
+                     "and seeds; checked by bench_continual.py).")]
     return out
 
 
@@ -263,6 +285,17 @@ def mpt_table(d: dict) -> list[str]:
     return out
 
 
+def conpet_inference_line(d: dict) -> list[str]:
+    """conpet-dynamic's inference cost against one expert (`conpet_inference.json`)."""
+    c = d["config"]
+    return [(f"**Inference cost of conpet-dynamic** (`conpet_inference.json`; `{d['reproduce']}`; {c['backbone']} "
+             f"{c['module']}, {c['experts']} experts, {c['labels']} labels, a batch of {c['batch']}, {c['threads']} "
+             f"thread, CPU ms, median of {c['repeats']}): one expert {d['one_expert_ms']:.0f} ms; the selector "
+             f"{d['selector_ms']:.0f} ms; selector + top-1 expert {d['conpet_dynamic_top1_ms']:.0f} ms "
+             f"({d['ratio_top1']:.2f}x); selector + top-2 experts {d['conpet_dynamic_top2_ms']:.0f} ms "
+             f"({d['ratio_top2']:.2f}x).")]
+
+
 def memory_table(d: dict) -> list[str]:
     """Replay-memory search (`memory.json`): 32 queries, k = 32, CPU ms per search, against torch."""
     out = [(f"**Replay memory search** (`memory.json`; 32 queries, k = 32, d = 384, clustered keys, "
@@ -298,9 +331,11 @@ def goals(train_runs: list[dict], inf: dict | None, zs: dict | None = None) -> l
 
 def render() -> str:
     parts: list[list[str]] = []
-    for name in ("demo", "tweets", "tweets-olora-orth", "mixed-cil", "mixed-til"):
+    for name in ("demo", "tweets", "tweets-olora-orth", "mixed-cil", "mixed-til", "tweets-conpet", "mixed-cil-conpet"):
         if (d := _load(f"continual_{name}")):
             parts.append(continual_table(d, name))
+    if (d := _load("conpet_inference")):
+        parts.append(conpet_inference_line(d))
     if (d := _load("memory")):
         parts.append(memory_table(d))
     if (d := _load("mpt")):

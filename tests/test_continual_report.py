@@ -200,7 +200,7 @@ def test_write_report_files_and_pngs(tmp_path):
     assert json.loads((d / "report.json").read_text()) == json.loads(json.dumps(r))
     assert (d / "report.md").read_text() == render_markdown(r)
     names = {p.split("/")[-1] for p in r["plots"]}
-    assert names == {"acc_curve.png", "metrics.png", "matrix_seqft.png", "task_curves_seqft.png",
+    assert names == {"acc_curve.png", "metrics.png", "cost_per_task.png", "matrix_seqft.png", "task_curves_seqft.png",
                      "matrix_replay.png", "task_curves_replay.png"}
     for p in r["plots"]:
         data = (d / p).read_bytes()
@@ -246,7 +246,7 @@ def test_nothing_finished_is_all_partial(tmp_path):
     json.dumps(r, allow_nan=False)  # a cell never evaluated is null, not NaN (which is not JSON)
     assert a["seeds"]["0"]["acc_curve"] == [0.6] and a["seeds"]["0"]["metrics"]["acc"] == pytest.approx(0.6)
     assert r["baselines"]["zero_shot"] == {} and r["baselines"]["zero_shot_acc"] is None
-    assert sorted(p.split("/")[-1] for p in r["plots"]) == ["acc_curve.png", "metrics.png"]
+    assert sorted(p.split("/")[-1] for p in r["plots"]) == ["acc_curve.png", "cost_per_task.png", "metrics.png"]
     md = (d / "report.md").read_text()
     assert "| seqft | 0/1 | — | — | — | — | — | — |" in md
     assert "seqft seed 0 (1/2 tasks done, ACC so far 60.0); olora seed 0 (0/2 tasks done, not started)" in md

@@ -9,6 +9,7 @@ from mtpeft.continual.strategies import STRATEGIES
 from mtpeft.errors import MtpeftError
 
 SEQUENTIAL = ["seqft", "replay", "expert-oracle", "expert-router", "olora"]
+CONPET = ["conpet-static", "conpet-static-mbpa", "conpet-dynamic"]  # tested in test_conpet.py
 
 
 def _run(tmp_path, scenario, names, **over):
@@ -145,7 +146,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_every_registered_strategy_is_tested():
-    assert set(STRATEGIES.names()) == {*SEQUENTIAL, "joint"}
+    assert set(STRATEGIES.names()) == {*SEQUENTIAL, "joint", *CONPET}
 
 
 def test_expert_router_shares_the_oracles_experts(tmp_path):

@@ -59,7 +59,27 @@ def resolve(args) -> tuple[dict, list[str], list[int]]:
 
     for s in strategies:
         STRATEGIES.get(s)
+    if getattr(args, "local_adapt", False):
+        conf = _with_local_adapt(conf, strategies)
     return conf, strategies, seeds
+
+
+def _with_local_adapt(conf: dict, strategies: list[str]) -> dict:
+    """--local-adapt: MbPA++ at test for every strategy of the run that takes it (the config's local_adapt
+    options where it gives them, else the defaults)."""
+    from ..continual.strategies import STRATEGIES
+
+    takers = [s for s in strategies if STRATEGIES.get(s).local_adapt_ok]
+    if not takers:
+        able = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).local_adapt_ok)
+        raise MtpeftError(f"--local-adapt: none of {', '.join(strategies)} takes local adaptation; it needs a "
+                          f"memory and one shared module: {able}")
+    opts = {k: dict(v) for k, v in conf["strategies"].items()}
+    for s in takers:
+        opts.setdefault(s, {})
+        if not opts[s].get("local_adapt"):
+            opts[s]["local_adapt"] = True
+    return {**conf, "strategies": opts}
 
 
 def command_line(args) -> str:
@@ -72,6 +92,8 @@ def command_line(args) -> str:
             parts += ["--" + flag.replace("_", "-"), str(v)]
     if args.compare is not None:
         parts += ["--compare"] + ([args.compare] if args.compare else [])
+    if getattr(args, "local_adapt", False):
+        parts.append("--local-adapt")
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -105,7 +127,7 @@ def add_parser(sub):
                    help="a run file (YAML/JSON; e.g. configs/continual-demo.yaml); flags override it")
     p.add_argument("--out", type=Path, required=True, help="the run directory (states, report, plots)")
     p.add_argument("--strategy", default=None,
-                   help="one strategy: seqft, replay, expert-oracle, expert-router, olora, joint "
+                   help="one strategy: seqft, replay, expert-oracle, expert-router, olora, conpet-static, conpet-dynamic, joint "
                         "(default: the config's)")
     p.add_argument("--compare", nargs="?", const="", default=None, metavar="A,B,...",
                    help="several strategies, one table (a bare --compare: the config's list)")
@@ -120,5 +142,8 @@ def add_parser(sub):
     p.add_argument("--max-examples", type=int, default=None,
                    help="cap every split of every task at N examples (overrides max_train and max_eval)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps per task (overrides the config)")
+    p.add_argument("--local-adapt", action="store_true",
+                   help="MbPA++ local adaptation at test for the strategies that take it (replay, conpet-static): "
+                        "a few steps on each input's memory neighbours, then the stored module back")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.set_defaults(func=cmd_continual)

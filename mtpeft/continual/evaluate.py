@@ -14,7 +14,8 @@ def task_accuracy(bank, scorer, task, router, space=None, *, task_id: bool = Fal
     labels; else the examples are scored over ``space`` (its global ids). ``task_id``: the router's context
     holds the task id (oracles); without it the router sees only the inputs. ``pooled``: a cache of the frozen
     backbone's pooled embedding of each batch (what ``ctx.pooled()`` gives a router), kept across calls, so a
-    router that reads it (retrieval) costs no extra backbone pass when the task is evaluated again."""
+    router that reads it (retrieval) costs no extra backbone pass when the task is evaluated again. A ``router``
+    with ``predict_logits(bank, scorer, texts, task, space)`` gives the logits itself (over ``space``)."""
     ds = task.splits[split]
     texts = list(ds["text"])
     if not texts:
@@ -26,7 +27,9 @@ def task_accuracy(bank, scorer, task, router, space=None, *, task_id: bool = Fal
     correct = 0
     for s in range(0, len(texts), batch_size):
         chunk = texts[s: s + batch_size]
-        if router is None:
+        if hasattr(router, "predict_logits"):  # a strategy's own predictor (conpet-dynamic: selected experts)
+            logits = router.predict_logits(bank, scorer, chunk, task, space)
+        elif router is None:
             with bank.bare():
                 logits = scorer.logits(bank, chunk, task, **kw)
         else:

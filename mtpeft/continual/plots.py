@@ -5,7 +5,8 @@
 - ``metrics.png``: ACC, BWT and forgetting per strategy, bars with std error bars;
 - ``matrix_<strategy>.png``: the mean accuracy matrix, cells annotated, the diagonal (each task right
   after it was learnt) outlined;
-- ``task_curves_<strategy>.png``: each task's accuracy before training and after each step.
+- ``task_curves_<strategy>.png``: each task's accuracy before training and after each step;
+- ``cost_per_task.png``: each task's training steps and seconds along the stream, one line per strategy.
 
 matplotlib (Agg) is imported inside ``plot_report``; every file is written atomically.
 """
@@ -124,6 +125,27 @@ def _task_curves(name: str, a: dict, tasks: list[str], plt):
     return fig
 
 
+def _cost_per_task(report: dict, plt):
+    tasks = report["tasks"]
+    x = list(range(1, len(tasks) + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(2.0 * len(tasks) + 4.0, 3.8), layout="constrained")
+    for name, a in _sequential(report).items():
+        cost = a.get("cost_per_task") or {}
+        for ax, key in zip(axes, ("steps", "train_s")):
+            ys = [NAN if v is None else v for v in cost.get(key, [])]
+            ax.plot(x[:len(ys)], ys, marker="o", label=name)
+    for ax, label in zip(axes, ("training steps", "training seconds")):
+        ax.set_xticks(x, [str(i) for i in x])
+        ax.set_xlabel("task index in the stream")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("cost per task (mean over seeds)", fontsize=10)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="best")
+    return fig
+
+
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
     """Draw the report's plots into ``out_dir`` (created); returns their paths. Strategy names become file
     names, so anything but ``[a-z0-9-]+`` is refused."""
@@ -138,7 +160,8 @@ def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = report["tasks"]
     paths = [_save(_acc_curve(report, plt), out_dir / "acc_curve.png", plt),
-             _save(_metrics(report, plt), out_dir / "metrics.png", plt)]
+             _save(_metrics(report, plt), out_dir / "metrics.png", plt),
+             _save(_cost_per_task(report, plt), out_dir / "cost_per_task.png", plt)]
     for name, a in _sequential(report).items():
         paths.append(_save(_matrix(name, a, tasks, plt), out_dir / f"matrix_{name}.png", plt))
         paths.append(_save(_task_curves(name, a, tasks, plt), out_dir / f"task_curves_{name}.png", plt))

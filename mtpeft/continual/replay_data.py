@@ -51,14 +51,39 @@ class ReplayBatches(Sampler):
             yield torch.cat([new, old]).tolist()
 
 
+class BudgetBatches(Sampler):
+    """ConPET's fixed budget: exactly ``n_batches`` batches per epoch whatever the sizes, each of ``n_new`` new
+    rows (cycling through them, reshuffled at every pass) plus the positions ``pick_old`` returns; so the
+    cost of a task does not grow with the number of tasks seen."""
+
+    def __init__(self, n_rows: int, n_new: int, n_batches: int, pick_old: Callable[[Tensor, torch.Generator], Tensor],
+                 seed: int):
+        self.n_rows, self.n_new, self.n_batches, self.pick_old = n_rows, n_new, n_batches, pick_old
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return self.n_batches
+
+    def __iter__(self):
+        passes = -(-self.n_batches * self.n_new // self.n_rows)
+        order = torch.cat([torch.randperm(self.n_rows, generator=self.generator) for _ in range(passes)])
+        for b in range(self.n_batches):
+            new = order[b * self.n_new: (b + 1) * self.n_new]
+            old = self.pick_old(new, self.generator) + self.n_rows
+            yield torch.cat([new, old]).tolist()
+
+
 class ReplayDataModule(TaskDataModule):
     """``tasks[0]`` is the new task; ``replay`` holds the memory's examples as (texts, task-local labels,
-    indices into ``tasks``), aligned with ``ids`` (their memory ids); ``n_old`` replayed per batch."""
+    indices into ``tasks``), aligned with ``ids`` (their memory ids); ``n_old`` replayed per batch.
+    ``budget``: exactly that many batches of ``batch_size`` new rows each (:class:`BudgetBatches`) instead of
+    one pass over the new rows."""
 
     def __init__(self, tasks, replay: tuple[list, list, list], ids: Tensor, *, memory, n_old: int,
                  retrieval: str = "random", new_embeddings: Tensor | None = None, batch_size: int = 16,
-                 seed: int = 0):
+                 seed: int = 0, budget: int | None = None):
         super().__init__(tasks, batch_size=batch_size, seed=seed)
+        self.budget = budget
         self.replay, self.ids, self.memory = replay, ids, memory
         self.n_old, self.retrieval, self.new_embeddings = n_old, retrieval, new_embeddings
         self._pos = {int(i): p for p, i in enumerate(ids.tolist())}
@@ -78,7 +103,10 @@ class ReplayDataModule(TaskDataModule):
         texts, labels = list(ds["text"]), [int(x) for x in ds["label"]]
         r_texts, r_labels, r_tasks = self.replay
         rows = _Rows(texts + list(r_texts), labels + list(r_labels), [0] * len(texts) + list(r_tasks))
-        sampler = ReplayBatches(len(texts), self.batch_size, self._pick, self.seed)
+        if self.budget is not None:
+            sampler = BudgetBatches(len(texts), self.batch_size, self.budget, self._pick, self.seed)
+        else:
+            sampler = ReplayBatches(len(texts), self.batch_size, self._pick, self.seed)
         return DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
 
     def _eval(self, split):

@@ -81,10 +81,25 @@ def _aggregate(seeds: dict[str, dict], strategy: str) -> dict:
         out["accuracies_mean"] = {t: _mean([e["accuracies"].get(t) for e in fin])
                                   for t in (fin[0]["accuracies"] if fin else {})}
         return out
+    out["cost_per_task"] = _cost_per_task(fin)
+    la = [(sum(t.get("local_adapt_s", 0.0) for t in e["timings"]), sum(t.get("local_adapt_n", 0) for t in e["timings"]))
+          for e in fin]
+    if any(n for _, n in la):
+        out["local_adapt_ms_per_example"] = _mean([1000.0 * s / n for s, n in la if n])
     curves = [e["acc_curve"] for e in fin]
     out["acc_curve"] = {"mean": [_mean(c) for c in zip(*curves)], "std": [_std(c) for c in zip(*curves)]}
     out["matrix_mean"] = _matrix_mean([e["matrix"] for e in fin])
     return out
+
+
+def _cost_per_task(fin: list[dict]) -> dict:
+    """Along the stream, the mean over finished seeds of each task's training steps and training seconds
+    (a flat line: the cost of a task does not grow with the tasks seen)."""
+    def col(key):
+        per_seed = [[t.get(key) for t in e["timings"]] for e in fin]
+        return [_mean(c) for c in zip(*per_seed)] if per_seed else []
+
+    return {"steps": col("steps"), "train_s": col("train_s")}
 
 
 def _baselines(run_dir, run: dict, states: dict, tasks: list[str]) -> dict:

@@ -217,7 +217,8 @@ class ContinualRun:
                            pooled=self._pooled.setdefault(ctx.seed, {})))
         return {"task": task.name, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
                 "memory_s": round(ctx.timings["memory_s"], 3), "steps": fit.get("steps"),
-                "best_val_acc": fit.get("best_val_acc"), **({"reused": True} if fit.get("reused") else {})}
+                "best_val_acc": fit.get("best_val_acc"), **({"reused": True} if fit.get("reused") else {}),
+                **{k: round(v, 3) for k, v in ctx.timings.items() if k.startswith("local_adapt")}}
 
     def _commit(self, strategy, folder: Path, done: int, matrix, timings, n: int, accuracies=None) -> None:
         ctx = strategy.ctx

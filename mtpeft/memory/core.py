@@ -109,7 +109,15 @@ class ReplayMemory:
         if emb.shape[0] != len(examples):
             raise MtpeftError(f"memory.add got {emb.shape[0]} embeddings for {len(examples)} examples; give one "
                               "embedding row per example")
-        return self._offer(emb, examples)
+        prepare = getattr(self.policy, "prepare", None)
+        if prepare is None:
+            return self._offer(emb, examples)
+        # a batch policy (k-means): it may shrink what is stored and picks which offered examples to place
+        keep = prepare(self, emb, examples, self._policy_rng)
+        out = torch.full((len(examples),), -1, dtype=torch.int64)
+        if len(keep):
+            out[keep] = self._offer(emb[keep], [examples[int(i)] for i in keep])
+        return out
 
     def _offer(self, emb: Tensor, examples: list[Example]) -> Tensor:
         out = torch.full((len(examples),), -1, dtype=torch.int64)

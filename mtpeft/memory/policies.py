@@ -162,6 +162,82 @@ class ClassBalanced(Balanced):
         return f"{key[0]}\x1f{key[1]}"
 
 
+def _kmeanspp(x, k: int, rng):
+    """k-means++ seeding (Arthur and Vassilvitskii 2007): each next centroid drawn with probability
+    proportional to its squared distance to the nearest one so far (faiss starts from random rows, which
+    often puts two centroids in one cluster and none in another)."""
+    import numpy as np
+
+    chosen = [int(rng.integers(len(x)))]
+    d2 = ((x - x[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        chosen.append(i)
+        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    return np.ascontiguousarray(x[chosen])
+
+
+def kmeans_pick(emb, k: int, seed: int, niter: int = 20):
+    """The indices (ascending, distinct) of at most ``k`` rows of ``emb`` ``[n, d]``: faiss k-means with ``k``
+    centroids (k-means++ seeding, ``seed``), then the row nearest to each centroid (two centroids sharing
+    their nearest row keep it once).
+    ``k >= n`` keeps every row."""
+    import faiss
+    import numpy as np
+    import torch
+
+    n = int(emb.shape[0])
+    if k >= n:
+        return torch.arange(n)
+    if k < 1:
+        return torch.empty(0, dtype=torch.long)
+    x = np.ascontiguousarray(emb.detach().float().cpu().numpy())
+    rng = np.random.default_rng(int(seed))
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed), verbose=False, min_points_per_centroid=1)
+    km.train(x, init_centroids=_kmeanspp(x, k, rng))
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, nearest = index.search(km.centroids, 1)
+    return torch.unique(torch.as_tensor(nearest[:, 0].astype(np.int64)))
+
+
+@POLICIES.register("kmeans")
+class KMeansPolicy(TaskBalanced):
+    """ConPET's memory: per task, a share of ``capacity // tasks`` examples chosen by k-means over their
+    embeddings (faiss), one example per cluster (the one nearest its centroid). A batch policy
+    (``ReplayMemory.add`` calls ``prepare`` first): when a task's examples are offered, every task already
+    stored above its new share is shrunk to it by k-means over its stored embeddings, then the new task's
+    examples are clustered into its share and only the picked ones are placed. So every task's kept examples
+    are one per cluster of a k-means over what it kept before, and the memory never holds more than its
+    capacity. Placement itself is task-balanced's (with the room ``prepare`` made, every picked example is
+    appended). Per task, not global: each task keeps its own clusters."""
+
+    name = "kmeans"
+
+    def prepare(self, memory, emb, examples, rng):
+        """Shrink stored tasks to their share and return the positions of ``examples`` to offer."""
+        import torch
+
+        new_tasks = list(dict.fromkeys(e.task for e in examples))
+        stored = memory.counts("task")
+        tasks = list(dict.fromkeys([*stored, *new_tasks]))
+        share = max(1, memory.capacity // len(tasks))
+        for t in stored:
+            if t not in new_tasks and stored[t] > share:
+                ids = torch.tensor([i for i, e in zip(memory._ids, memory._examples) if e.task == t])
+                keep = kmeans_pick(memory.embeddings(ids), share, rng.randrange(2**31))
+                drop = torch.ones(len(ids), dtype=torch.bool)
+                drop[keep] = False
+                memory.remove(ids[drop])
+        picked = []
+        for t in new_tasks:
+            pos = torch.tensor([i for i, e in enumerate(examples) if e.task == t])
+            room = share - (stored.get(t, 0))
+            picked.append(pos[kmeans_pick(emb[pos], max(0, room), rng.randrange(2**31))])
+        return torch.cat(picked).sort().values if picked else torch.empty(0, dtype=torch.long)
+
+
 def make_policy(policy: str | StoragePolicy) -> StoragePolicy:
     if isinstance(policy, StoragePolicy):
         return policy

@@ -58,8 +58,18 @@ class Strategy:
     uses_task_id: ClassVar[bool] = False  # its test-time routing reads the task id (an oracle)
     module_types: ClassVar[tuple[str, ...] | None] = None  # None: any module type
     defaults: ClassVar[dict[str, Any]] = {}  # its options and their defaults
+    local_adapt_ok: ClassVar[bool] = False  # takes the option local_adapt (MbPA++ at test, local_adapt.py)
+    local_adapt_default: ClassVar[Any] = None
 
     def __init__(self, ctx: Context, **options):
+        from ..local_adapt import LocalAdaptConfig
+
+        la = options.pop("local_adapt", self.local_adapt_default)
+        if la not in (None, False) and not self.local_adapt_ok:
+            takers = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).local_adapt_ok)
+            raise MtpeftError(f"strategy {self.name!r} does not take local_adapt (MbPA++ adapts one shared module "
+                              f"on memory neighbours); strategies that do: {takers}")
+        self.local_adapt = LocalAdaptConfig.parse(la, f"strategy {self.name!r}")
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             known = ", ".join(self.defaults) or "none"
