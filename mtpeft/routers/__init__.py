@@ -3,9 +3,10 @@ from .arrow import ArrowRouter
 from .average import AverageRouter
 from .base import ROUTERS, Router, register_router
 from .fixed import FixedRouter
+from .interpolate import InterpolationRouter
 from .phatgoose import PhatgooseGates, PhatgooseRouter
 from .retrieval import RetrievalRouter
 from .task_id import TaskIdRouter
 
-__all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "PhatgooseGates", "PhatgooseRouter",
+__all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "InterpolationRouter", "PhatgooseGates", "PhatgooseRouter",
            "RetrievalRouter", "Router", "TaskIdRouter", "register_router"]
