@@ -31,7 +31,7 @@ WORK = ROOT / "benchmarks" / "work" / "adapt"
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "adapt-fewshot.yaml"))
-    p.add_argument("--targets", nargs="+", default=None, help="override the config's targets")
+    p.add_argument("--targets", nargs="+", default=None, help="override the config's held-out target tasks")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="override the config's seeds")
     p.add_argument("--shots", nargs="+", type=int, default=None, help="override the config's shots")
     p.add_argument("--work", default=str(WORK), help="where the bank and the per-target reports go (resumable)")
@@ -60,7 +60,7 @@ def synthetic(name: str, seed: int, labels=("red", "blue"), n: int = 48):
 
 
 QUICK = {"backbone": "tiny-bert", "module": "lora", "options": {"r": 4, "alpha": 8, "dropout": 0.0},
-         "experts": ["quick_src", "quick_flip"], "targets": ["quick_target"], "expert_seed": 0, "lr": 0.03,
+         "experts": ["quick_src", "quick_flip"], "heldout": ["quick_target"], "expert_seed": 0, "lr": 0.03,
          "batch_size": 16, "max_steps": 20, "val_every": 10, "patience": 3, "threads": 1, "seeds": [0],
          "shots": [2, 4], "methods": ["scratch", "best-source", "lorahub", "pi-tuning"],
          "adapt": {"steps": 3, "lr": 0.02, "batch_size": 8, "lorahub_evals": 5, "top_k": 2, "interp_steps": 2,
@@ -178,10 +178,13 @@ def main(argv=None) -> dict:
     from common import RESULTS, environment
 
     from mtpeft.adapt import Budget, run_adapt
+    from mtpeft.adapt.run import check_methods
     from mtpeft.io import read_config, write_json
 
     conf = dict(QUICK) if a.quick else read_config(a.config, what="benchmark config")
-    for key, v in (("targets", a.targets), ("seeds", a.seeds), ("shots", a.shots)):
+    check_methods(conf["methods"])  # an unknown method or a bad budget fails before anything trains
+    Budget(**conf["adapt"])
+    for key, v in (("heldout", a.targets), ("seeds", a.seeds), ("shots", a.shots)):
         if v is not None:
             conf[key] = v
     work = Path(a.work) / ("quick" if a.quick else "")
@@ -192,12 +195,12 @@ def main(argv=None) -> dict:
     path = Path(a.out) if a.out else RESULTS / "adapt.json"
     argv_list = list(argv if argv is not None else sys.argv[1:])
     command = "python benchmarks/bench_adapt.py " + " ".join(shlex.quote(x) for x in argv_list)
-    for t in conf["targets"]:
+    for t in conf["heldout"]:
         task = load_task(t, conf, a.quick, expert=False)
         reports[t] = run_adapt(bank, scorer, task, conf["shots"], conf["methods"], conf["seeds"], budget,
                                out=work / "reports" / t, log=lambda msg, t=t: print(f"{t}: {msg}", flush=True))
         payload = {"benchmark": "adapt", "environment": environment(), "quick": a.quick, "config": conf,
-                   "reproduce": command, "complete": len(reports) == len(conf["targets"]),
+                   "reproduce": command, "complete": len(reports) == len(conf["heldout"]),
                    "seconds": round(time.perf_counter() - t0, 1), **summarise(reports, conf)}
         write_json(path, payload)  # after every target: a stopped benchmark keeps what it measured
     print(markdown_table(payload))

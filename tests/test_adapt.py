@@ -323,3 +323,37 @@ def test_fisher_missing_for_a_task_that_is_not_built_in_says_how_to_store_it(lib
         run_adapt(bank, scorer, synthetic_task("target", n=32, seed=5), [2], ["pi-tuning"], [0], QUICK)
     store_fisher(bank, scorer, synthetic_task("src", n=32, seed=1), "solver", batch_size=8, max_batches=1)
     assert bank.artifact("solver", "fisher").shape == (sum(fisher_sizes(bank, "solver")),)
+
+
+def test_train_fisher_stores_the_embedding_and_embed_skips_or_recomputes(capsys, saved_library, tmp_path):
+    from mtpeft.adapt.fisher import has_fisher
+    from mtpeft.api import open_bank
+
+    _, files = saved_library
+    out = tmp_path / "bank"
+    rc, _, err = run(capsys, "train", "--backbone", "tiny-bert", "--module", "lora", "--option", "r=4",
+                     "--task-file", f"src={files['src']}", "--task-file", f"flip={files['flip']}", "--out", out,
+                     "--max-steps", "2", "--fisher", "--json")
+    assert rc == 0, err
+    bank, _ = open_bank(out)
+    assert all(has_fisher(bank, n) for n in bank.names) and bank.names == ["src-lora", "flip-lora"]
+    before = bank.artifact("src-lora", "fisher").clone()
+    rc, out_, _ = run(capsys, "embed", "--bank", out, "--json")  # stored already; src is not built in either
+    assert rc == 0 and {r["status"] for r in json.loads(out_)["results"]} == {"stored already (--again recomputes)"}
+    rc, _, err = run(capsys, "embed", "--bank", out, "--module", "src-lora", "--again")
+    assert rc == 2 and "--task-file src=PATH" in err
+    rc, _, err = run(capsys, "embed", "--bank", out, "--module", "src-lora", "--again", "--task-file",
+                     f"src={files['src']}", "--batches", "1", "--batch-size", "4")
+    assert rc == 0, err
+    again, _ = open_bank(out)
+    assert not torch.equal(again.artifact("src-lora", "fisher"), before)  # 1 batch of 4, not 32 batches of 16
+
+
+def test_adapt_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["adapt", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for flag in ("--bank", "--task", "--task-file", "--shots", "--methods", "--seeds", "--json", "--out",
+                 "--max-examples", "--max-steps", "--keep"):
+        assert flag in out
