@@ -169,10 +169,15 @@ class _Constant(AdaptMethod):
 def test_run_adapt_all_methods_report_and_bank_left_as_it_was(library, tmp_path):
     bank, scorer, tasks = library
     before = list(bank.names)
+    weights = {n: {k: p.detach().clone() for k, p in bank.module_parameters(n).items()} for n in before}
     target = synthetic_task("target", n=64, seed=5)
     methods = ["scratch", "best-source", "lorahub", "pi-tuning", "test-constant"]
     rep = run_adapt(bank, scorer, target, [2, 4], methods, [0, 1], QUICK, source_tasks=tasks, out=tmp_path)
     assert bank.names == before and rep["complete"]
+    for n in before:  # pi-tuning trains copies of the experts, best-source a copy: the experts are as they were
+        for k, p in bank.module_parameters(n).items():
+            assert torch.equal(p, weights[n][k]), (n, k)
+    assert rep["runs"][3]["info"]["joint"] and rep["runs"][3]["info"]["interp_steps"] == 2
     assert {(r["method"], r["shots"]) for r in rep["summary"]} == {(m, k) for m in methods for k in (2, 4)}
     assert all(r["n"] == 2 for r in rep["summary"])
     by = {(r["method"], r["shots"], r["seed"]): r for r in rep["runs"]}
@@ -271,6 +276,10 @@ def test_cli_embed_then_adapt_json(capsys, saved_library, tmp_path):
     rc, out, err = run(capsys, "adapt", "--bank", path, "--task-file", f"target={files['target']}", "--shots", "2",
                        "--methods", "scratch", "--max-steps", "2")
     assert rc == 0 and "scratch" in out and "zero-shot" in out and "2 shots" in out
+    rc, out, err = run(capsys, "adapt", "--bank", path, "--task-file", f"target={files['target']}", "--shots", "2",
+                       "--methods", "pi-tuning", "--max-steps", "2", "--out", tmp_path / "text")
+    assert rc == 0, err
+    assert "Fisher similarity to the target (k2-seed0): " in out and "heatmaps: " in out
 
 
 def test_cli_keep_saves_the_modules(capsys, saved_library, tmp_path):

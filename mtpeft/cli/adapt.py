@@ -91,6 +91,24 @@ def cmd_adapt(args):
     emit(args, report, rows, ["method", "params", *[f"{k} shots" for k in report["shots"]]],
          title=f"few-shot transfer to {task.name} from {len(report['experts'])} experts of {args.bank}: test accuracy "
          f"({report['test_n']} examples), mean ± std over seeds {','.join(map(str, report['seeds']))}")
+    if not args.json:
+        for line in similarity_lines(report, args.out):
+            print(line)
+
+
+def similarity_lines(report: dict, out: Path | None) -> list[str]:
+    """The Fisher similarity of each expert to the target, per draw of the shots, and where the heatmaps are."""
+    from ..display import printable
+
+    lines = []
+    for tag, sim in report["similarity"].items():
+        row = sim["matrix"][-1][:-1]
+        pairs = sorted(zip(sim["names"][:-1], row), key=lambda p: -p[1])
+        lines.append(f"Fisher similarity to the target ({tag}): " + ", ".join(f"{printable(n)} {v:.3f}"
+                                                                             for n, v in pairs))
+    if out is not None and report["similarity"]:
+        lines.append(f"heatmaps: {out}/similarity-*.png; report: {out}/adapt-report.json")
+    return lines
 
 
 def table_rows(report: dict) -> list[dict]:

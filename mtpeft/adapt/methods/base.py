@@ -42,6 +42,7 @@ class Budget:
     top_k: int = 3  # pi-tuning: experts interpolated
     interp_steps: int = 30  # pi-tuning: steps training the interpolation logits (experts frozen)
     interp_lr: float = 5e-2
+    interp_joint: bool = True  # pi-tuning: copies of the experts train with the logits (False: the logits alone)
     probe_steps: int = 20  # the target's probe LoRA, trained before its Fisher embedding
     fisher_batches: int = 32  # batches of each expert's task data in its Fisher embedding
     progress: bool = False
@@ -53,6 +54,8 @@ class Budget:
                 raise MtpeftError(f"{k} must be a positive integer, got {v!r}")
         if isinstance(self.interp_steps, bool) or not isinstance(self.interp_steps, int) or self.interp_steps < 0:
             raise MtpeftError(f"interp_steps must be an integer >= 0, got {self.interp_steps!r}")
+        if not isinstance(self.interp_joint, bool):
+            raise MtpeftError(f"interp_joint must be true or false, got {self.interp_joint!r}")
         for k in ("lr", "interp_lr", "lorahub_bound"):
             if not getattr(self, k) > 0:
                 raise MtpeftError(f"{k} must be > 0, got {getattr(self, k)!r}")
