@@ -26,3 +26,25 @@ def test_quick_run_writes_the_table(tmp_path, monkeypatch):
     # a second run finds the bank, the embeddings and the runs: nothing is trained again
     again = bench.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])
     assert again["overall"] == d["overall"]
+
+
+def test_report_renders_the_adapt_table(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_adapt as bench
+
+    out = tmp_path / "adapt.json"
+    bench.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    d = json.loads(out.read_text())
+    lines = report.adapt_table(d)
+    assert lines[2] == "| method | params | 2 shots (mean of 1 tasks) | 4 shots (mean of 1 tasks) |"
+    o = d["overall"]["lorahub@2"]
+    assert f"| lorahub | 2 | {100 * o['mean']:.1f} ± {100 * o['std']:.1f} |" in "\n".join(lines)
+    assert any(line.startswith("| `quick_target` | pi-tuning |") for line in lines)
+    assert "- pi-tuning > scratch at 16 shots (mean over targets)" not in "\n".join(lines)  # no 16-shot run here
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert "**Few-shot transfer**" in report.render()
