@@ -318,8 +318,14 @@ def test_cli_refuses_a_bank_without_experts(capsys, tmp_path, saved_library):
     bank.add("untasked", "lora", {"r": 4})
     bank.save(tmp_path / "bank")
     rc, _, err = run(capsys, "adapt", "--bank", tmp_path / "bank", "--task-file", f"target={files['target']}",
-                     "--shots", "2", "--methods", "scratch")
-    assert rc == 2 and "no source experts" in err
+                     "--shots", "2", "--methods", "scratch,lorahub")
+    assert rc == 2 and "no source experts" in err and "mtpeft train --module lora" in err
+    # the baseline alone needs no experts: a new LoRA of the default configuration (a bank of skills, say)
+    rc, out, err = run(capsys, "adapt", "--bank", tmp_path / "bank", "--task-file", f"target={files['target']}",
+                       "--shots", "2", "--methods", "scratch", "--max-steps", "2", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["experts"] == [] and rep["runs"][0]["trainable"] == 2 * 2 * (8 * 32 + 32 * 8)  # r 8, 2 layers x q, v
     rc, _, err = run(capsys, "adapt", "--bank", tmp_path / "nobank", "--task-file", f"target={files['target']}")
     assert rc == 2 and "not a bank" in err
 

@@ -46,9 +46,9 @@ def check_methods(methods) -> list[str]:
     return methods
 
 
-def source_experts(bank, target: str, names: Sequence[str] | None = None) -> list[str]:
+def source_experts(bank, target: str, names: Sequence[str] | None = None, required: bool = True) -> list[str]:
     """The source experts: ``names``, or every LoRA module of the bank trained on a task other than ``target`` (not
-    merged, not itself a composition or an adapted module)."""
+    merged, not itself a composition or an adapted module). ``required``: none is an error (else an empty list)."""
     if names:
         names = list(names)
         for n in names:
@@ -60,6 +60,8 @@ def source_experts(bank, target: str, names: Sequence[str] | None = None) -> lis
         return names
     out = [r.name for r in bank.records if r.task and r.task != target and r.type == "lora" and not r.merged
            and "adapt" not in r.metadata and "merged_from" not in r.metadata]
+    if not out and not required:
+        return out
     if not out:
         have = ", ".join(f"{r.name} ({r.type}, task {r.task})" for r in bank.records) or "no modules"
         raise MtpeftError(f"the bank has no source experts for {target!r} (LoRA modules trained on other tasks; it "
@@ -173,8 +175,8 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise MtpeftError(f"give distinct seeds, e.g. --seeds 0,1,2 (got {seeds})")
-    experts = source_experts(bank, task.name, experts)
     impls = {m: get_method(m) for m in methods}
+    experts = source_experts(bank, task.name, experts, required=any(i.needs_experts for i in impls.values()))
     for impl in impls.values():
         impl.check(bank, experts)
     out = Path(out) if out is not None else None

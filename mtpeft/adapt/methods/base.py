@@ -90,16 +90,19 @@ class AdaptContext:
 
     @property
     def expert_type(self) -> str:
-        return self.bank.record(self.experts[0]).type
+        """The experts' module type (LoRA when the bank has no experts, e.g. a bank of skills)."""
+        return self.bank.record(self.experts[0]).type if self.experts else "lora"
 
     @property
     def expert_config(self) -> dict:
-        return dict(self.bank.record(self.experts[0]).config)
+        """The experts' configuration (LoRA's defaults when the bank has no experts)."""
+        return dict(self.bank.record(self.experts[0]).config) if self.experts else {}
 
 
 class AdaptMethod:
     name: ClassVar[str] = ""
     uses_similarity: ClassVar[bool] = False  # needs the Fisher embeddings of the experts and of the target
+    needs_experts: ClassVar[bool] = True  # False: runs on a bank without source experts (scratch; skills methods)
 
     def check(self, bank, experts: list[str]) -> None:
         """Refuse a bank this method cannot use (raise MtpeftError naming the fix); default: anything goes."""

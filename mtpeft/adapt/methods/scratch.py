@@ -6,6 +6,8 @@ from .base import AdaptContext, AdaptMethod, AdaptResult, count_trainable, fit_m
 
 @register_method("scratch")
 class Scratch(AdaptMethod):
+    needs_experts = False  # the experts' configuration where there are experts, LoRA's defaults otherwise
+
     def run(self, ctx: AdaptContext) -> AdaptResult:
         bank, name = ctx.bank, ctx.module_name
         bank.freeze()
