@@ -101,7 +101,7 @@ def build_bank(conf: dict, work: Path, quick: bool):
     cfg = TrainConfig(lr=conf["lr"], batch_size=conf["batch_size"], max_epochs=100, max_steps=conf["max_steps"],
                       patience=conf["patience"], val_check_interval=conf["val_every"], seed=conf["expert_seed"],
                       progress=False)
-    budget = Budget(**conf["adapt"])
+    budget = Budget.from_dict(conf["adapt"])
     for t in conf["experts"]:
         name = f"{t}-{conf['module']}"
         task = None
@@ -183,14 +183,14 @@ def main(argv=None) -> dict:
 
     conf = dict(QUICK) if a.quick else read_config(a.config, what="benchmark config")
     check_methods(conf["methods"])  # an unknown method or a bad budget fails before anything trains
-    Budget(**conf["adapt"])
+    Budget.from_dict(conf["adapt"])
     for key, v in (("heldout", a.targets), ("seeds", a.seeds), ("shots", a.shots)):
         if v is not None:
             conf[key] = v
     work = Path(a.work) / ("quick" if a.quick else "")
     t0 = time.perf_counter()
     bank, scorer, _ = build_bank(conf, work, a.quick)
-    budget = Budget(**conf["adapt"])
+    budget = Budget.from_dict(conf["adapt"])
     reports = {}
     path = Path(a.out) if a.out else RESULTS / "adapt.json"
     argv_list = list(argv if argv is not None else sys.argv[1:])

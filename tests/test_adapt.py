@@ -372,3 +372,12 @@ def test_adapt_help_lists_the_flags(capsys):
     for flag in ("--bank", "--task", "--task-file", "--shots", "--methods", "--seeds", "--json", "--out",
                  "--max-examples", "--max-steps", "--keep"):
         assert flag in out
+
+
+def test_budget_refuses_unknown_keys_and_bad_values():
+    assert Budget.from_dict({"steps": 7}).steps == 7
+    with pytest.raises(MtpeftError, match="unknown adapt budget key"):
+        Budget.from_dict({"stepz": 7})
+    for bad in ({"steps": 0}, {"top_k": 1.5}, {"lr": -1.0}, {"interp_steps": -1}, {"lorahub_l1": -0.1}):
+        with pytest.raises(MtpeftError):
+            Budget(**bad)

@@ -8,6 +8,7 @@ anything runs, a bank the method cannot use (e.g. no skills for Poly).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -61,6 +62,15 @@ class Budget:
                 raise MtpeftError(f"{k} must be > 0, got {getattr(self, k)!r}")
         if not self.lorahub_l1 >= 0:
             raise MtpeftError(f"lorahub_l1 must be >= 0, got {self.lorahub_l1!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Budget:
+        """A budget from a config mapping (e.g. the ``adapt:`` block of a benchmark config); unknown keys refused."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict) or set(d) - set(known):
+            bad = sorted(set(d) - set(known)) if isinstance(d, dict) else d
+            raise MtpeftError(f"unknown adapt budget key(s) {bad}; known: {', '.join(known)}")
+        return cls(**d)
 
     def train_config(self, seed: int, steps: int | None = None):
         from ...train import TrainConfig
