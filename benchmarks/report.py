@@ -296,6 +296,35 @@ def conpet_inference_line(d: dict) -> list[str]:
              f"({d['ratio_top2']:.2f}x).")]
 
 
+def adapt_table(d: dict) -> list[str]:
+    """Few-shot transfer (`adapt.json`): method x shots, over the held-out tasks and per task, mean ± std over seeds."""
+    c = d["config"]
+    shots, targets = c["shots"], list(d["per_target"])
+    ms = lambda m, s: "" if m is None else f"{100 * m:.1f} ± {100 * s:.1f}"
+    out = [(f"**Few-shot transfer** (`adapt.json`; `{d['reproduce']}`: {len(c['experts'])} LoRA experts "
+            f"({', '.join(c['experts'])}), {c['adapt']['steps']} steps per fit, test accuracy in percentage points on "
+            f"the whole test split, mean ± std over seeds {', '.join(map(str, c['seeds']))}"
+            + ("" if d.get("complete", True) else "; PARTIAL: not every held-out task finished") + "):"), "",
+           "| method | params | " + " | ".join(f"{k} shots (mean of {len(targets)} tasks)" for k in shots) + " |",
+           "|---|---|" + "---|" * len(shots)]
+    for m in c["methods"]:
+        cells = [d["overall"].get(f"{m}@{k}") for k in shots]
+        params = sorted({v for o in cells if o for v in o["trainable"].values()})
+        out.append(f"| {m} | {'/'.join(f'{p:,}' for p in params)} | "
+                   + " | ".join(ms(o and o["mean"], o and o["std"]) for o in cells) + " |")
+    for b in ("zero_shot", "majority"):
+        out.append(f"| {b.replace('_', '-')} | 0 | " + " | ".join(_pct(d["baselines"][b]) for _ in shots) + " |")
+    out += ["", "| held-out task | method | " + " | ".join(f"{k} shots" for k in shots) + " |",
+            "|---|---|" + "---|" * len(shots)]
+    for t in targets:
+        rows = {(r["method"], r["shots"]): r for r in d["per_target"][t]["summary"]}
+        for m in c["methods"]:
+            out.append(f"| `{t}` | {m} | " + " | ".join(ms(rows[(m, k)]["mean"], rows[(m, k)]["std"])
+                                                     if (m, k) in rows else "" for k in shots) + " |")
+    out += [""] + [f"- {k}: {'yes' if v else 'no'}" for k, v in d["checks"].items()]
+    return out
+
+
 def memory_table(d: dict) -> list[str]:
     """Replay-memory search (`memory.json`): 32 queries, k = 32, CPU ms per search, against torch."""
     out = [(f"**Replay memory search** (`memory.json`; 32 queries, k = 32, d = 384, clustered keys, "
@@ -340,6 +369,8 @@ def render() -> str:
         parts.append(memory_table(d))
     if (d := _load("mpt")):
         parts.append(mpt_table(d))
+    if (d := _load("adapt")):
+        parts.append(adapt_table(d))
     if (d := _load("experts_minilm_lora")):
         parts.append(experts_table(d))
     train = _load("train_step")

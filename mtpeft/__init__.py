@@ -49,6 +49,8 @@ _LAZY = {
     "route_eval": ".zeroshot",
     "run_distil": ".mpt",
     "export_peft_mpt": ".mpt",
+    "run_adapt": ".adapt",
+    "sample_shots": ".adapt",
 }
 
 
@@ -101,6 +103,8 @@ __all__ = [
     "register",
     "register_strategy",
     "route_eval",
+    "run_adapt",
     "run_continual",
     "run_distil",
+    "sample_shots",
 ]

@@ -224,13 +224,46 @@ def _overall(err: dict[str, float], energy: dict[str, float]) -> float:
     return math.sqrt(sum(err[s] ** 2 * energy[s] for s in err) / den) if den > 0 else 0.0
 
 
+# ---- composing factors (LoraHub, pi-Tuning) ---------------------------------------------------------
+@torch.no_grad()
+def compose_factors(bank, names: list[str], weights, name: str, method: str = "compose", task: str | None = None,
+                    metadata: dict | None = None) -> dict:
+    """Add ONE new LoRA module ``name`` whose factors are the weighted sums of the experts' factors:
+    ``A = sum_i w_i A_i`` and ``B = sum_i w_i s_i B_i`` (scales folded into B, scale 1). This is LoraHub's and
+    pi-Tuning's composition (and Poly's): the factors are summed apart, so ``B A`` holds the cross terms
+    ``w_i w_j s_j B_j A_i``, unlike the linear merges above, which sum the deltas. With one expert and weight 1
+    the module equals the expert. The experts must be LoRA modules of one rank. Returns (name, weights, rank)."""
+    names, w = _check(bank, names, name, "weighted", weights, 0.2, None)
+    odd = [n for n in names if bank.record(n).type != "lora"]
+    ranks = {_rank(bank, n) for n in names if n not in odd}
+    if odd or len(ranks) != 1:
+        raise MtpeftError(f"composing factors takes LoRA modules of one rank; got {odd and f'non-LoRA {odd}' or ''}"
+                          f"{'' if len(ranks) <= 1 else f'ranks {sorted(ranks)}'}; choose experts of one LoRA config")
+    R = ranks.pop()
+    fac = [_lora_factors(bank, n) for n in names]
+    factors = {}
+    for s in _sites(bank, names):
+        d_out, d_in = _shape(bank, s)
+        A = torch.zeros(R, d_in, device=bank.device)
+        B = torch.zeros(d_out, R, device=bank.device)
+        for f, wi in zip(fac, w):  # a loop over the experts while composing, not in a forward
+            if s in f:
+                A += wi * f[s][0].float().to(bank.device)
+                B += wi * f[s][1].float().to(bank.device)
+        factors[s] = (A, B)
+    _add(bank, names, name, R, factors, method, task=task, metadata=metadata, weights=w)
+    return {"name": name, "method": method, "modules": names, "weights": w, "rank": R}
+
+
 # ---- the new module --------------------------------------------------------------------------------
-def _add(bank, names, name, R, factors, method) -> None:
+def _add(bank, names, name, R, factors, method, task: str | None = None, metadata: dict | None = None,
+         weights: list[float] | None = None) -> None:
     from .modules.lora import LoRAConfig
 
     cfg = LoRAConfig(r=R, alpha=float(R), dropout=0.0, target_modules=list(factors))  # scale 1: B carries it
     tensors = {}
     for s, (A, B) in factors.items():
         tensors[f"{s}.lora_A"], tensors[f"{s}.lora_B"] = A, B
-    meta = {"merged_from": list(names), "merge_method": method}
-    bank.add_from(name, "lora", cfg, tensors, metadata=meta, what=f"merged module {name!r}")
+    meta = {"merged_from": list(names), "merge_method": method, **({"merge_weights": weights} if weights else {}),
+            **(metadata or {})}
+    bank.add_from(name, "lora", cfg, tensors, task=task, metadata=meta, what=f"merged module {name!r}")

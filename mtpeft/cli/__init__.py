@@ -12,12 +12,12 @@ import os
 import sys
 
 from ..errors import MtpeftError
-from . import bank, continual, distil, evaluate, forgetting, gate, merge, route, train
+from . import adapt, bank, continual, distil, evaluate, forgetting, gate, merge, route, train
 from .common import emit, table
 from .train import TRAIN_CONFIG_KEYS, TRAIN_DEFAULTS, load_run_config
 
 # The command groups, in the order `mtpeft --help` lists them. A new group: a module with add_parser(sub).
-GROUPS = (evaluate, train, continual, forgetting, gate, bank, merge, route, distil)
+GROUPS = (evaluate, train, continual, forgetting, gate, bank, merge, route, distil, adapt)
 
 __all__ = ["TRAIN_CONFIG_KEYS", "TRAIN_DEFAULTS", "build_parser", "emit", "load_run_config", "main", "table"]
 

@@ -124,6 +124,8 @@ def cmd_train(args):
     if args.gate and args.multitask:
         raise MtpeftError("--gate gates one expert per task (PHATGOOSE); drop --multitask, or gate later with "
                           "`mtpeft gate --bank BANK --module NAME --task TASK`")
+    if getattr(args, "fisher", False) and args.multitask:
+        raise MtpeftError("--fisher stores one expert's Fisher embedding per task; drop --multitask")
     if args.name and len(tasks) > 1 and not args.multitask:
         raise MtpeftError(f"--name names one module, but {len(tasks)} tasks each get their own expert; drop --name "
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
@@ -232,6 +234,11 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
             phase("gate", name)
             g = gate_rows(bank, scorer, [(t, name)], cfg, GATE_STEPS, GATE_LR, CENTROID_EXAMPLES)
             new[-1]["gate_val_acc"] = g[0]["val_acc"]
+        if getattr(args, "fisher", False):  # its Fisher task embedding (as `mtpeft embed`), for `mtpeft adapt`
+            from ..adapt.fisher import store_fisher
+
+            phase("fisher", name)
+            store_fisher(bank, scorer, t, name, batch_size=cfg.batch_size, seed=args.seed)
         phase("save", name)
         bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
         run.finished(name, new)
@@ -307,4 +314,7 @@ def add_parser(sub) -> None:
     s.add_argument("--gate", action="store_true",
                    help="after training each expert, train its PHATGOOSE gates and compute its retrieval centroid "
                    "(as `mtpeft gate`: 100 steps, lr 5e-3), for `mtpeft route`")
+    s.add_argument("--fisher", action="store_true",
+                   help="after training each expert, store its Fisher task embedding (as `mtpeft embed`: 32 batches), "
+                   "for `mtpeft adapt`'s pi-tuning and best-source")
     s.set_defaults(func=cmd_train)

@@ -3,10 +3,11 @@ from .arrow import ArrowRouter
 from .average import AverageRouter
 from .base import ROUTERS, Router, register_router
 from .fixed import FixedRouter
+from .interpolate import InterpolationRouter
 from .phatgoose import PhatgooseGates, PhatgooseRouter
 from .poly import PolyRouter
 from .retrieval import RetrievalRouter
 from .task_id import TaskIdRouter
 
-__all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "PhatgooseGates", "PhatgooseRouter",
-           "PolyRouter", "RetrievalRouter", "Router", "TaskIdRouter", "register_router"]
+__all__ = ["ROUTERS", "ArrowRouter", "AverageRouter", "FixedRouter", "InterpolationRouter", "PhatgooseGates",
+           "PhatgooseRouter", "PolyRouter", "RetrievalRouter", "Router", "TaskIdRouter", "register_router"]

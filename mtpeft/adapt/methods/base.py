@@ -1,0 +1,141 @@
+"""What every few-shot transfer method shares: its budget, its context, its result, its registry.
+
+A method is a class registered by name (``@register_method("scratch")``) in one file of this package. ``run(ctx)``
+gets an ``AdaptContext`` (the bank, the scorer, the few-shot task, the source experts, the seed, the budget) and
+adds ONE module to the bank (named ``ctx.module_name``), trained or composed for the few-shot task; it returns an
+``AdaptResult`` naming that module and counting the parameters it trained. ``check(bank, experts)`` refuses, before
+anything runs, a bank the method cannot use (e.g. no skills for Poly).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ...errors import MtpeftError
+from ...registry import Registry
+
+ADAPT_METHODS: Registry[type[AdaptMethod]] = Registry("adapt method")
+
+
+def register_method(name: str):
+    """Class decorator: ``@register_method("lorahub")`` on an AdaptMethod subclass."""
+
+    def deco(cls):
+        cls.name = name
+        return ADAPT_METHODS.register(name)(cls)
+
+    return deco
+
+
+@dataclass
+class Budget:
+    """How much each method may train or search (the same for every method of a run)."""
+
+    steps: int = 100  # optimiser steps of each trained module (scratch, best-source, pi-tuning's fine-tune)
+    lr: float = 2e-3
+    batch_size: int = 16
+    patience: int = 1000  # validations without improvement before stopping (the validation set is the shots)
+    lorahub_evals: int = 40  # nevergrad evaluations of the few-shot loss
+    lorahub_l1: float = 0.05  # weight of mean |w| in LoraHub's objective
+    lorahub_bound: float = 1.5  # w in [-bound, bound]^N
+    top_k: int = 3  # pi-tuning: experts interpolated
+    interp_steps: int = 30  # pi-tuning: steps training the interpolation logits (experts frozen)
+    interp_lr: float = 5e-2
+    interp_joint: bool = True  # pi-tuning: copies of the experts train with the logits (False: the logits alone)
+    probe_steps: int = 20  # the target's probe LoRA, trained before its Fisher embedding
+    fisher_batches: int = 32  # batches of each expert's task data in its Fisher embedding
+    progress: bool = False
+
+    def __post_init__(self):
+        for k in ("steps", "batch_size", "patience", "lorahub_evals", "top_k", "probe_steps", "fisher_batches"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MtpeftError(f"{k} must be a positive integer, got {v!r}")
+        if isinstance(self.interp_steps, bool) or not isinstance(self.interp_steps, int) or self.interp_steps < 0:
+            raise MtpeftError(f"interp_steps must be an integer >= 0, got {self.interp_steps!r}")
+        if not isinstance(self.interp_joint, bool):
+            raise MtpeftError(f"interp_joint must be true or false, got {self.interp_joint!r}")
+        for k in ("lr", "interp_lr", "lorahub_bound"):
+            if not getattr(self, k) > 0:
+                raise MtpeftError(f"{k} must be > 0, got {getattr(self, k)!r}")
+        if not self.lorahub_l1 >= 0:
+            raise MtpeftError(f"lorahub_l1 must be >= 0, got {self.lorahub_l1!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Budget:
+        """A budget from a config mapping (e.g. the ``adapt:`` block of a benchmark config); unknown keys refused."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict) or set(d) - set(known):
+            bad = sorted(set(d) - set(known)) if isinstance(d, dict) else d
+            raise MtpeftError(f"unknown adapt budget key(s) {bad}; known: {', '.join(known)}")
+        return cls(**d)
+
+    def train_config(self, seed: int, steps: int | None = None):
+        from ...train import TrainConfig
+
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, max_epochs=100_000, max_steps=steps or self.steps,
+                           patience=self.patience, seed=seed, progress=self.progress)
+
+
+@dataclass
+class AdaptResult:
+    module: str  # the module added to the bank for the few-shot task
+    trainable: int  # parameters trained (or searched) for the task
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-safe details (weights found, experts picked, steps)
+
+
+@dataclass
+class AdaptContext:
+    bank: Any
+    scorer: Any
+    task: Any  # the few-shot task: train = validation = the shots, test = the whole test split
+    experts: list[str]  # the source experts (LoRA modules of one configuration, none trained on the task)
+    seed: int
+    budget: Budget
+    module_name: str  # the name the method's module takes
+    similarity: Callable[[], dict] | None = None  # pi-tuning's Fisher similarity (computed once, shared)
+    log: Callable[[str], None] = lambda msg: None
+
+    @property
+    def expert_type(self) -> str:
+        """The experts' module type (LoRA when the bank has no experts, e.g. a bank of skills)."""
+        return self.bank.record(self.experts[0]).type if self.experts else "lora"
+
+    @property
+    def expert_config(self) -> dict:
+        """The experts' configuration (LoRA's defaults when the bank has no experts)."""
+        return dict(self.bank.record(self.experts[0]).config) if self.experts else {}
+
+
+class AdaptMethod:
+    name: ClassVar[str] = ""
+    uses_similarity: ClassVar[bool] = False  # needs the Fisher embeddings of the experts and of the target
+    needs_experts: ClassVar[bool] = True  # False: runs on a bank without source experts (scratch; skills methods)
+
+    def check(self, bank, experts: list[str]) -> None:
+        """Refuse a bank this method cannot use (raise MtpeftError naming the fix); default: anything goes."""
+
+    def run(self, ctx: AdaptContext) -> AdaptResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def count_trainable(bank, name: str) -> int:
+    """Parameters of module ``name``."""
+    return sum(p.numel() for p in bank.module_parameters(name).values())
+
+
+def fit_module(ctx: AdaptContext, name: str, steps: int | None = None, router=None, router_lr: float | None = None,
+               fit_name: str | None = None) -> dict:
+    """Train what has ``requires_grad`` (module ``name``, ``router``'s parameters) on the shots, routed to ``name``
+    by task id unless ``router`` is given; freeze the bank after. Returns fit_phase's metrics."""
+    from ...routers import TaskIdRouter
+    from ...train import fit_phase
+
+    router = router if router is not None else TaskIdRouter({ctx.task.name: name})
+    try:
+        return fit_phase(ctx.bank, ctx.scorer, [ctx.task], router, ctx.budget.train_config(ctx.seed, steps),
+                         router_lr=router_lr, name=fit_name or name)
+    finally:
+        ctx.bank.freeze()
