@@ -10,11 +10,11 @@ from conftest import perturb, synthetic_task
 from mtpeft.adapt import Budget, fisher_embedding, run_adapt, sample_shots, similarity_matrix, store_fisher
 from mtpeft.adapt.fisher import fisher_sizes
 from mtpeft.adapt.methods import AdaptMethod, AdaptResult, method_names, register_method
-from mtpeft.adapt.methods.lorahub import fewshot_loss, search_weights
 from mtpeft.adapt.shots import check_shots, shot_indices
 from mtpeft.cli import main
 from mtpeft.errors import MtpeftError
 from mtpeft.routing import Routing
+from mtpeft.skills.lorahub import few_shot_loss, optimise_weights
 
 QUICK = Budget(steps=4, batch_size=8, lorahub_evals=6, interp_steps=2, probe_steps=2, fisher_batches=2, lr=2e-2)
 
@@ -137,21 +137,14 @@ def test_composed_factors_match_parameter_mixing_and_differ_from_a_delta_merge(l
         bank.remove("mix")
 
 
-def test_lorahub_weights_stay_in_bounds_and_recover_the_solver_of_a_synthetic_library():
-    # a loss whose minimum is far outside the box: the weights stay in [-1.5, 1.5]
-    w, _, n = search_weights(lambda w: float(((w - 5.0) ** 2).sum()), 4, 30, 1.5, 0.05, seed=0)
-    assert bool((np.abs(w) <= 1.5).all()) and n <= 31
-    # a synthetic library of 5 experts where only expert 2 solves the task (loss falls as its weight nears 1)
-    w, v, _ = search_weights(lambda w: float(((w - np.eye(5)[2]) ** 2).sum()), 5, 40, 1.5, 0.05, seed=1)
-    assert int(np.abs(w).argmax()) == 2 and v < 1.0
-
-
 def test_lorahub_finds_the_solver_among_real_experts(library):
     bank, scorer, _ = library
     few, _ = sample_shots(synthetic_task("target", n=64, seed=5), 8, seed=0)
     names = ["solver", "flipped", "noise"]
-    zero = fewshot_loss(bank, scorer, few, names, np.zeros(3))
-    w, v, _ = search_weights(lambda w: fewshot_loss(bank, scorer, few, names, w), 3, 40, 1.5, 0.05, seed=0)
+    loss = few_shot_loss(bank, scorer, few, names)
+    zero = loss([0.0] * 3)
+    w, v = optimise_weights(loss, 3, budget=40, seed=0)
+    w = np.asarray(w)
     assert names[int(np.abs(w).argmax())] == "solver" and v < zero and bool((np.abs(w) <= 1.5).all())
 
 

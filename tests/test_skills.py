@@ -331,10 +331,16 @@ def test_lorahub_end_to_end_adds_the_composed_module():
     assert res["objective"] <= at_zero  # the start (w = 0) is evaluated: the result is never worse
     rec = bank.record("toy-lorahub")
     assert rec.task == "toy" and rec.metadata["lorahub"] == {k: round(v, 6) for k, v in w.items()}
-    mixed = bank.module_parameters("toy-lorahub")
-    for k, p in mixed.items():
-        want = sum(v * bank.module_parameters(n)[k] for n, v in w.items())
-        torch.testing.assert_close(p.detach(), want.detach(), atol=1e-6, rtol=1e-6)
+    # the composed module is the factors mixed apart: Delta W = (sum_i w_i s_i B_i)(sum_i w_i A_i), s = alpha / r
+    mixed = bank.delta_weight("toy-lorahub")
+    ps = {n: bank.module_parameters(n) for n in w}
+    cfg = bank.record("n1").config
+    scale = cfg["alpha"] / cfg["r"]
+    for site, d in mixed.items():
+        A = sum(v * ps[n][site + ".lora_A"] for n, v in w.items())
+        B = sum(v * scale * ps[n][site + ".lora_B"] for n, v in w.items())
+        torch.testing.assert_close(d.detach(), (B @ A).detach(), atol=1e-5, rtol=1e-5)
+    assert len(mixed) == len({k.rsplit(".", 1)[0] for k in ps["n1"]})
     with pytest.raises(MtpeftError, match="already has a module"):
         lorahub(bank, scorer, task, ["n1", "good"], max_examples=4, budget=2)
     with pytest.raises(MtpeftError, match="one group"):

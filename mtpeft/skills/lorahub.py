@@ -5,6 +5,7 @@
 at ``w = 0``, as the reference does. Each evaluation is one no-grad pass over the few-shot examples with the
 experts' parameters mixed once for the whole batch (a factored ``Routing``, one row). The composed module is
 added to the bank as a plain LoRA (``metadata.lorahub``: the weights), routed like any expert after.
+``mtpeft adapt --methods lorahub`` runs this (``mtpeft/adapt/methods/lorahub.py``).
 """
 from __future__ import annotations
 
@@ -92,25 +93,22 @@ def few_shot_loss(bank, scorer, task, experts: Sequence[str], split: str = "trai
     return loss
 
 
-@torch.no_grad()
 def compose(bank, experts: Sequence[str], weights: Sequence[float], name: str, task: str | None = None,
-            trainable: bool = False) -> int:
-    """Add module ``name``: ``A = sum_i w_i A_i``, ``B = sum_i w_i B_i`` over the LoRA ``experts``. Returns its id."""
+            metadata: dict | None = None) -> int:
+    """Add module ``name``: ``A = sum_i w_i A_i``, ``B = sum_i w_i s_i B_i`` over the LoRA ``experts``
+    (``merge.compose_factors``: the factors summed apart, each expert's scale folded into B). Returns its id."""
+    from ..merge import compose_factors
+
     if len(experts) != len(weights):
         raise MtpeftError(f"{len(experts)} experts but {len(weights)} weights")
-    params = [bank.module_parameters(e) for e in experts]
-    keys = set(params[0])
-    if any(set(p) != keys for p in params):
-        raise MtpeftError(f"the experts {list(experts)} do not share one config; compose modules of one group")
-    mixed = {k: sum(float(w) * p[k].detach() for w, p in zip(weights, params)) for k in keys}
-    rec = bank.record(experts[0])
-    meta = {"lorahub": {e: round(float(w), 6) for e, w in zip(experts, weights)}}
-    return bank.add_from(name, rec.type, dict(rec.config), mixed, task=task, trainable=trainable, metadata=meta)
+    meta = {"lorahub": {e: round(float(w), 6) for e, w in zip(experts, weights)}, **(metadata or {})}
+    compose_factors(bank, list(experts), [float(w) for w in weights], name, method="lorahub", task=task, metadata=meta)
+    return bank.index(name)
 
 
 def lorahub(bank, scorer, task, experts: Sequence[str] | None = None, name: str | None = None, *,
             budget: int = BUDGET, bound: float = BOUND, reg: float = REG, max_examples: int | None = None,
-            split: str = "train", seed: int = 0) -> dict:
+            split: str = "train", seed: int = 0, metadata: dict | None = None) -> dict:
     """Find the weights for ``task`` from its ``split`` (the few-shot examples), add the composed module
     (``name``, default ``<task>-lorahub``) and return ``{"module", "weights", "objective", "evaluations"}``.
     ``experts``: LoRA modules of one group (default: every unmerged LoRA module of the bank)."""
@@ -122,5 +120,6 @@ def lorahub(bank, scorer, task, experts: Sequence[str] | None = None, name: str 
         raise MtpeftError(f"the bank already has a module named {name!r}; give another name")
     loss = few_shot_loss(bank, scorer, task, experts, split, max_examples)
     w, obj = optimise_weights(loss, len(experts), budget, bound, reg, seed)
-    compose(bank, experts, w, name, task=task.name)
-    return {"module": name, "weights": dict(zip(experts, w)), "objective": obj, "evaluations": budget}
+    compose(bank, experts, w, name, task=task.name, metadata=metadata)
+    return {"module": name, "weights": dict(zip(experts, w)), "objective": obj, "evaluations": budget,
+            "loss_at_zero": loss([0.0] * len(experts))}
