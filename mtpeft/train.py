@@ -31,6 +31,17 @@ class TrainConfig:
     seed: int = 0  # the run's seed; each fit derives its own from it and the fit's name (fit_seed)
     progress: bool = True
     run_dir: str | None = None  # Lightning's CSV logs of each fit under <run_dir>/<fit name>/ (None: no logs)
+    # where each fit runs (mtpeft.distributed.Parallel): devices processes on each of num_nodes nodes;
+    # batch_size stays the global batch (each of the N ranks takes batch_size / N)
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto (DDP on several processes) or ddp
+    accelerator: str = "auto"  # auto, cpu, gpu, cuda
+
+    def parallel(self):
+        from .distributed import Parallel
+
+        return Parallel(self.devices, self.num_nodes, self.strategy, self.accelerator)
 
 
 def fit_seed(seed: int, name: str) -> int:
@@ -40,7 +51,7 @@ def fit_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence = ()):
+def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence = (), find_unused: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
@@ -67,7 +78,7 @@ def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence 
         kw["log_every_n_steps"] = 1
     return L.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=cb, logger=logger,
                      enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
-                     accelerator="auto", devices=1, num_sanity_val_steps=0, deterministic=False, **kw)
+                     num_sanity_val_steps=0, deterministic=False, **cfg.parallel().trainer_kwargs(find_unused), **kw)
 
 
 @contextlib.contextmanager
@@ -105,6 +116,12 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
 
     cfg = cfg or TrainConfig()
     tasks = list(tasks)
+    parallel = cfg.parallel()
+    parallel.check_batch(cfg.batch_size)
+    if parallel.distributed and datamodule is not None \
+            and getattr(type(datamodule), "train_dataloader", None) is not TaskDataModule.train_dataloader:
+        raise MtpeftError(f"{type(datamodule).__name__} does not split its batches over ranks yet: train {name!r} "
+                          "on one process (--devices 1), or give a TaskDataModule")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     module = PhaseModule(bank, scorer, tasks, router, objective=objective, lr=cfg.lr, router_lr=router_lr,
                          weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, labels=labels)
@@ -121,7 +138,7 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
     t0 = time.perf_counter()
     try:
         with _quiet_lightning():
-            trainer = _trainer(cfg, [*callbacks, keep], seed, name, tasks)
+            trainer = _trainer(cfg, [*callbacks, keep], seed, name, tasks, find_unused=_may_leave_out(bank, router))
             trainer.fit(module, datamodule=dm)
         _check_finite(module, name, trainer.global_step)
     except NonFiniteLoss as e:
@@ -134,6 +151,14 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
         raise
     return {"best_val_acc": None if keep.best is None else round(keep.best, 6), "best_epoch": keep.best_epoch, "steps": trainer.global_step,
             "train_seconds": round(time.perf_counter() - t0, 2), "seed": seed}
+
+
+def _may_leave_out(bank, router) -> bool:
+    """Whether a step may use only some of what trains (DDP must then look for unused parameters): more
+    than one bank module trains, or the router trains alongside bank modules."""
+    training = [n for n in bank.names if any(p.requires_grad for p in bank.module_parameters(n).values())]
+    router_trains = any(p.requires_grad for p in router.parameters())
+    return len(training) > 1 or (router_trains and bool(training))
 
 
 def _check_finite(module, name: str, steps: int) -> None:

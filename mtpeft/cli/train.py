@@ -10,9 +10,12 @@ from .common import Setting, _common, _load_tasks, _task_args, emit
 # A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
 TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
                   "max_examples": None, "seed": 0, "multitask": False, "sampling": "proportional", "lr": 1e-3,
-                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None}
+                  "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None,
+                  "devices": 1, "num_nodes": 1, "strategy": "auto", "accelerator": "auto"}
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
 SAMPLINGS = ("proportional", "temperature", "uniform")
+STRATEGIES = ("auto", "ddp", "fsdp")  # as mtpeft.distributed (not imported here: --help stays quick)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 # The type and range of every scalar setting, for its flag and its run-file key alike:
 # (key, kind, optional, ok, what to give, an example value).
@@ -29,6 +32,10 @@ SETTINGS = tuple(Setting(*row) for row in (
     ("max_steps", int, False, lambda v: v == -1 or v >= 1, "a positive integer, or -1 for no cap", "100"),
     ("patience", int, False, lambda v: v >= 0, "an integer >= 0", "2"),
     ("run_dir", Path, True, None, "a directory path", "runs/first"),
+    ("devices", int, False, lambda v: v >= 1, "a positive integer (processes per node)", "2"),
+    ("num_nodes", int, False, lambda v: v >= 1, "a positive integer (nodes)", "1"),
+    ("strategy", str, False, lambda v: v in STRATEGIES, "one of " + ", ".join(STRATEGIES), "ddp"),
+    ("accelerator", str, False, lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS), "cpu"),
 ))
 
 
@@ -86,6 +93,7 @@ def _check_train_args(args) -> None:
     if args.max_epochs == -1 and args.max_steps == -1:
         raise MtpeftError("--max-epochs -1 trains without end unless --max-steps caps it; give a positive "
                           "--max-epochs (e.g. 3) or a --max-steps cap")
+    _parallel(args).check_batch(args.batch_size)  # fsdp refused, the global batch split evenly over the ranks
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
@@ -97,12 +105,21 @@ def _check_train_args(args) -> None:
         check_writable_dir(args.run_dir, "--run-dir")
 
 
+def _parallel(args):
+    from ..distributed import Parallel
+
+    return Parallel(args.devices, args.num_nodes, args.strategy, args.accelerator)
+
+
 def cmd_train(args):
     from ..api import check_bank_target, parse_options
     from ..bank import locked
+    from ..distributed import global_rank
 
     _apply_train_config(args)
     _check_train_args(args)
+    parallel = _parallel(args)
+    rank = global_rank(args.devices) if parallel.distributed else 0
     tasks = _load_tasks(args)
     if args.gate and args.multitask:
         raise MtpeftError("--gate gates one expert per task (PHATGOOSE); drop --multitask, or gate later with "
@@ -112,14 +129,42 @@ def cmd_train(args):
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
     config = parse_options(args.module, args.option)
     check_bank_target(args.out)
+    if rank != 0:  # another rank of a distributed run: rank zero holds the lock and writes; this one follows
+        with _rank_failure(parallel, rank, args.out):
+            _train_into(args, tasks, config, writer=False)
+        return
     fresh = not Path(args.out).exists()
     with locked(args.out):  # one writer per bank for the whole run: a second `train --out` is refused up front
         try:
-            _train_into(args, tasks, config)
+            with _rank_failure(parallel, rank, args.out):
+                _train_into(args, tasks, config)
         except BaseException:
             if fresh:
                 _drop_if_only_locks(Path(args.out))
             raise
+
+
+def _rank_failure(parallel, rank: int, out):
+    """On several processes, any failure (of this rank, or a peer's seen as a broken collective) becomes a
+    clear error naming the rank; the run state is left as a kill leaves it (waiting for ``--resume``)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (MtpeftError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if not parallel.distributed:
+                raise
+            what = f"{type(e).__name__}: {str(e)[:500]}"
+            if _peer_failed(e):
+                what = f"another rank failed (its own error is printed too): {what[:200]}"
+            raise MtpeftError(f"rank {rank} of {parallel.world_size} stopped: {what}; the run stops on every rank. "
+                              f"The bank {out} holds the modules finished before; `mtpeft train` with the same "
+                              "flags and --resume finishes the run (on any number of processes)") from e
+    return guard()
 
 
 def _drop_if_only_locks(out: Path) -> None:
@@ -139,9 +184,21 @@ def _drop_if_only_locks(out: Path) -> None:
             out.rmdir()
 
 
-def _train_into(args, tasks, config):
+def _peer_failed(e: BaseException) -> bool:
+    """A collective broke because a peer went away (gloo: the connection closed; NCCL: a backend error)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or "Connection closed by peer" in text \
+        or "remote worker" in text
+
+
+def _train_into(args, tasks, config, writer: bool = True):
+    """Train the run's modules. ``writer``: this process writes the bank and the run state (rank zero);
+    the other ranks of a distributed run train alongside it, from the same bank and run state, and write
+    nothing."""
     from ..api import check_input_room, load_bank_or_new
-    from ..runstate import Run, run_config
+    from ..runstate import Run, RunView, run_config
     from ..train import TrainConfig
 
     bank, scorer = load_bank_or_new(args.backbone, args.out)
@@ -150,7 +207,8 @@ def _train_into(args, tasks, config):
         names = [args.name or "multitask-" + args.module]
     else:
         names = [args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}" for t in tasks]
-    with Run(args.out, run_config(args, tasks, config, names), resume=args.resume) as run:  # BANK/runs/
+    state = Run if writer else RunView
+    with state(args.out, run_config(args, tasks, config, names), resume=args.resume) as run:  # BANK/runs/
         for name in names:  # before any training, so a clash costs nothing
             if name in bank.names and not run.owns(name):
                 raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
@@ -158,18 +216,22 @@ def _train_into(args, tasks, config):
         run.begin(bank)  # a new run writes its state; a resumed one drops its unfinished module
         cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
                           max_steps=args.max_steps, patience=args.patience, seed=args.seed, progress=True,
-                          run_dir=None if args.run_dir is None else str(args.run_dir))
-        rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run)
+                          run_dir=None if args.run_dir is None else str(args.run_dir), devices=args.devices,
+                          num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator)
+        rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer)
         obj = {"bank": str(args.out), "results": rows}
         if args.run_dir is not None:
             obj["run_dir"] = str(args.run_dir)
         run.close(obj)
+    if not writer:
+        return
     emit(args, obj, rows,
          ["module", "task", "n", "accuracy", "majority", "steps"], title=f"trained into {args.out}")
 
 
-def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[dict]:
-    """Train (or, when ``run`` finished them before an interruption, skip) the run's modules; the rows."""
+def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: bool = True) -> list[dict]:
+    """Train (or, when ``run`` finished them before an interruption, skip) the run's modules; the rows.
+    Not ``writer`` (a rank other than zero): train alongside rank zero, neither evaluate nor save."""
     from ..faults import phase
     from ..train import evaluate, fit_expert, fit_multitask
 
@@ -181,6 +243,8 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
             return done
         phase("train", name)
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
+        if not writer:
+            return rows
         phase("evaluate", name)
         for t in tasks:
             rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
@@ -198,6 +262,13 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
             continue
         phase("train", name)
         m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
+        if not writer:  # the gates train under DDP too; evaluation and saving are rank zero's
+            if args.gate:
+                from ..gates import CENTROID_EXAMPLES, GATE_LR, GATE_STEPS
+                from .gate import gate_rows
+
+                gate_rows(bank, scorer, [(t, name)], cfg, GATE_STEPS, GATE_LR, CENTROID_EXAMPLES)
+            continue
         phase("evaluate", name)
         res = evaluate(bank, scorer, t, name)
         bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
@@ -213,8 +284,9 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
         bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
         run.finished(name, new)
         rows += new
-    phase("save")
-    bank.save(args.out)
+    if writer:
+        phase("save")
+        bank.save(args.out)
     return rows
 
 
@@ -247,4 +319,15 @@ def add_parser(sub) -> None:
     s.add_argument("--gate", action="store_true",
                    help="after training each expert, train its PHATGOOSE gates and compute its retrieval centroid "
                    "(as `mtpeft gate`: 100 steps, lr 5e-3), for `mtpeft route`")
+    g = s.add_argument_group("processes and nodes", "Lightning's DDP: every rank runs this same command (Lightning "
+                             "starts the local ones; torchrun or SLURM may start them all); rank zero writes "
+                             "(docs/scale-out.md)")
+    g.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="processes (CPU) or GPUs per node (default 1); --batch-size stays the global batch, each "
+                   "rank takes batch/(N x nodes)")
+    g.add_argument("--num-nodes", type=int, default=None, metavar="M", help="nodes (default 1)")
+    g.add_argument("--strategy", default=None, choices=STRATEGIES,
+                   help="auto (default: DDP on several processes) or ddp; fsdp is not supported yet")
+    g.add_argument("--accelerator", default=None, choices=ACCELERATORS,
+                   help="auto (default), cpu, or gpu/cuda; DDP talks gloo on CPU, NCCL on GPUs")
     s.set_defaults(func=cmd_train)

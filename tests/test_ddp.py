@@ -1,0 +1,124 @@
+"""Training on several processes (Lightning DDP, gloo on CPU): the same bank as one process, only rank zero
+writes, a failing rank stops the run and leaves the finished modules for --resume.
+
+These tests start real processes: `python -m mtpeft train --devices 2` and Lightning's launcher starts
+the second rank by running the same command again."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.processes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _task_file(path: Path, seed: int, n: int = 80) -> Path:
+    """A learnable two-class task file: 80 rows -> 56 train (7 global batches of 8), 8 validation, 16 test."""
+    rng = random.Random(seed)
+    cue = {0: ["apple", "cherry", "ruby"], 1: ["sky", "ocean", "sapphire"]}
+    filler = ["the", "a", "one", "some", "big", "small", "old", "new"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            words = rng.sample(filler, 3) + [rng.choice(cue[i % 2])]
+            rng.shuffle(words)
+            w.writerow([" ".join(words), ["red", "blue"][i % 2]])
+    return path
+
+
+def _train(tmp: Path, out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    files = [f"toy={_task_file(tmp / 'toy.csv', 0)}", f"toy2={_task_file(tmp / 'toy2.csv', 1)}"]
+    tasks = [a for f in files[: 2 if "--two" in flags else 1] for a in ("--task-file", f)]
+    flags = tuple(f for f in flags if f != "--two")
+    cmd = [sys.executable, "-m", "mtpeft", "train", "--backbone", "tiny-bert", *tasks, "--out", str(out),
+           "--batch-size", "8", "--max-epochs", "2", "--lr", "5e-3", "--option", "r=4", "--option", "dropout=0",
+           "--accelerator", "cpu", "--json", *flags]
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+         "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
+        if not (env and k in env):
+            e.pop(k, None)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=e, cwd=tmp, timeout=300)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from mtpeft.api import open_bank
+
+    bank, _ = open_bank(out)
+    return {f"{n}/{k}": p.detach().clone() for n in bank.names for k, p in bank.module_parameters(n).items()}
+
+
+def test_two_processes_train_the_same_bank_as_one(tmp_path):
+    """2 ranks x 4 examples per step = one process x 8: the same steps, the same kept epoch, the same weights
+    (up to float summation order), and the same report; each rank validated half the examples."""
+    one = _train(tmp_path, tmp_path / "one")
+    two = _train(tmp_path, tmp_path / "two", "--devices", "2", "--strategy", "ddp")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one report: only rank zero prints
+    for a, b in zip(r1["results"], r2["results"], strict=True):
+        assert a["steps"] == b["steps"] == 14 and a["accuracy"] == b["accuracy"]
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert sorted(w1) == sorted(w2) and w1
+    moved = max(float((w1[k] - _init(k)).abs().max()) for k in w1)
+    assert moved > 1e-3  # it trained: equal banks are not two untouched inits
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+    # only rank zero wrote: one run state, finished
+    states = list((tmp_path / "two" / "runs").glob("*.json"))
+    assert len(states) == 1 and json.loads(states[0].read_text())["status"] == "finished"
+
+
+_INIT: dict = {}
+
+
+def _init(key: str) -> torch.Tensor:
+    """The weights a module starts from (the bank's init depends on seed and name only)."""
+    if not _INIT:
+        from mtpeft.api import new_bank, parse_options
+
+        bank, _ = new_bank("tiny-bert")
+        bank.add("toy-lora", "lora", parse_options("lora", ["r=4"]), task="toy", seed=0)
+        _INIT.update({f"toy-lora/{k}": p.detach().clone() for k, p in bank.module_parameters("toy-lora").items()})
+    return _INIT[key]
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_failing_rank_stops_the_run_and_resume_finishes_it(tmp_path, failing):
+    """A rank fails in the second expert's training (step 16 of its process: the first expert took 14): the
+    command fails, the failing rank naming its fault and the other saying a peer failed; the bank keeps
+    the first expert as trained, the run state waits for --resume, and --resume (one process) finishes."""
+    out = tmp_path / "bank"
+    bad = _train(tmp_path, out, "--two", "--devices", "2", env={"MTPEFT_FAIL_RANK": f"{failing}:16"})
+    assert bad.returncode != 0
+    err = bad.stderr
+    assert f"rank {failing} of 2 stopped: InjectedFault: injected fault" in err, err[-3000:]
+    assert f"rank {1 - failing} of 2 stopped: another rank failed" in err, err[-3000:]
+    w = _weights(out)
+    assert {k.split("/")[0] for k in w} == {"toy-lora"}
+    state = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert state["status"] == "running" and [u["name"] for u in state["units"]] == ["toy-lora"]
+    good = _train(tmp_path, out, "--two", "--resume")
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert [r["module"] for r in json.loads(good.stdout)["results"]] == ["toy-lora", "toy2-lora"]
+    after = _weights(out)
+    assert {k.split("/")[0] for k in after} == {"toy-lora", "toy2-lora"}
+    for k in w:  # the finished expert is untouched by the failure and the resume
+        assert torch.equal(after[k], w[k]), k
+
+
+def test_the_global_batch_must_split_evenly_over_the_ranks(tmp_path):
+    p = _train(tmp_path, tmp_path / "b", "--devices", "3")
+    assert p.returncode == 2
+    assert "--batch-size 8 is the global batch" in p.stderr and "multiple of 3" in p.stderr, p.stderr
+    assert not (tmp_path / "b").exists()
