@@ -122,3 +122,40 @@ def test_the_global_batch_must_split_evenly_over_the_ranks(tmp_path):
     assert p.returncode == 2
     assert "--batch-size 8 is the global batch" in p.stderr and "multiple of 3" in p.stderr, p.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_parallel_settings_are_checked_before_anything_runs(tmp_path, capsys):
+    from mtpeft.cli import main
+
+    data = str(_task_file(tmp_path / "toy.csv", 0))
+    base = ["train", "--backbone", "tiny-bert", "--task-file", f"toy={data}", "--out", str(tmp_path / "b")]
+    assert main([*base, "--strategy", "fsdp", "--devices", "2"]) == 2
+    assert "--strategy fsdp is not supported yet" in capsys.readouterr().err
+    conf = tmp_path / "run.yaml"
+    conf.write_text("devices: 0\n")
+    assert main([*base, "--config", str(conf)]) == 2
+    assert "'devices' = 0 is out of range" in capsys.readouterr().err
+    conf.write_text("devices: 2\nnum_nodes: 2\nbatch_size: 6\n")
+    assert main([*base, "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 6 is the global batch" in err and "4 processes (2 per node x 2 nodes)" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_rank_batches_split_each_global_batch_as_one_process_sees_it():
+    from torch.utils.data import RandomSampler
+
+    from mtpeft.lightning.data import RankBatches
+
+    data = list(range(22))  # 2 full global batches of 8, then 6 (padded to 8 on 4 ranks, not on 2)
+    one = list(RankBatches(RandomSampler(data, generator=torch.Generator().manual_seed(3)), 8, 0, 1))
+    for world in (2, 4):
+        shares = [list(RankBatches(RandomSampler(data, generator=torch.Generator().manual_seed(3)), 8, r, world))
+                  for r in range(world)]
+        assert {len(s) for s in shares} == {len(one)} == {3}  # every rank takes as many steps
+        for b, whole in enumerate(one):
+            got = [i for s in shares for i in s[b]]
+            if len(whole) % world == 0:
+                assert got == whole
+            else:  # the short last batch, padded with its own first examples
+                assert got[: len(whole)] == whole and got[len(whole):] == whole[: len(got) - len(whole)]
