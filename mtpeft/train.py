@@ -215,11 +215,14 @@ def fit_multitask(bank, scorer, tasks: Sequence, name: str = "multitask", module
 
 @torch.no_grad()
 def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", batch_size: int = 64,
-            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels on a split. ``routing_for_batch(n) -> Routing`` (None: bare backbone)."""
+            progress: bool = False, shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels on a split. ``routing_for_batch(n) -> Routing`` (None: bare backbone).
+    ``shard=(r, n)``: only the examples r, r+n, r+2n, ... (rank r of n's share)."""
     from tqdm.auto import tqdm
 
     ds = task.splits[split]
+    if shard is not None:
+        ds = ds.select(range(shard[0], len(ds), shard[1]))
     texts, labels = ds["text"], torch.tensor(ds["label"])
     preds = []
     bank.eval()
@@ -239,16 +242,23 @@ def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", bat
 
 
 def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "test", batch_size: int = 64,
-             progress: bool = False) -> dict:
-    """Accuracy on ``split``: with task-id routing to ``module`` (a name or id), or the bare backbone (None)."""
+             progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
+    """Accuracy on ``split``: with task-id routing to ``module`` (a name or id), or the bare backbone (None).
+    ``shard=(rank, world)``: a collective over the process group: each rank predicts its share and the
+    counts are summed, so every rank returns the accuracy on the whole split."""
     routing_for_batch = None
     if module is not None:
         mid = module if isinstance(module, int) else bank.index(module)
         routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)
-    preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress)
+    preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress, shard)
+    correct, n = int((preds == labels).sum()), len(labels)
+    if shard is not None:
+        from .distributed import all_sum
+
+        correct, n = all_sum([correct, n])
     # from integer counts, as a Python float: 47/100 is 0.47, not float32's 0.4699999988079071
-    acc = int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
-    return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
+    acc = correct / n if n else 0.0
+    return {"task": task.name, "split": split, "accuracy": acc, "n": n,
             "majority": task.majority_baseline(split)}
 
 

@@ -231,7 +231,8 @@ def _train_into(args, tasks, config, writer: bool = True):
 
 def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: bool = True) -> list[dict]:
     """Train (or, when ``run`` finished them before an interruption, skip) the run's modules; the rows.
-    Not ``writer`` (a rank other than zero): train alongside rank zero, neither evaluate nor save."""
+    Every rank of a distributed run goes through the same steps (the fits and the evaluations are
+    collective: each rank evaluates its shard of the test split); only the ``writer`` (rank zero) saves."""
     from ..faults import phase
     from ..train import evaluate, fit_expert, fit_multitask
 
@@ -243,17 +244,17 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
             return done
         phase("train", name)
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
-        if not writer:
-            return rows
         phase("evaluate", name)
+        shard = _eval_shard()
         for t in tasks:
-            rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
+            rows.append(dict(module=name, **evaluate(bank, scorer, t, name, shard=shard), steps=m["steps"]))
         per_task = {r["task"]: r["accuracy"] for r in rows}
         bank.record(name).metrics.update({"test_acc": round(sum(per_task.values()) / len(per_task), 6),
                                           "test_acc_per_task": per_task})
-        phase("save", name)
-        bank.save(args.out)
-        run.finished(name, rows)
+        if writer:
+            phase("save", name)
+            bank.save(args.out)
+            run.finished(name, rows)
         return rows
     for t, name in zip(tasks, names):
         done = run.rows(name)
@@ -262,15 +263,9 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
             continue
         phase("train", name)
         m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
-        if not writer:  # the gates train under DDP too; evaluation and saving are rank zero's
-            if args.gate:
-                from ..gates import CENTROID_EXAMPLES, GATE_LR, GATE_STEPS
-                from .gate import gate_rows
-
-                gate_rows(bank, scorer, [(t, name)], cfg, GATE_STEPS, GATE_LR, CENTROID_EXAMPLES)
-            continue
         phase("evaluate", name)
-        res = evaluate(bank, scorer, t, name)
+        shard = _eval_shard()
+        res = evaluate(bank, scorer, t, name, shard=shard)
         bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
         new = [dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"])]
         if args.gate:  # PHATGOOSE gates and retrieval centroid of the new expert (cli/gate.py)
@@ -280,14 +275,24 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
             phase("gate", name)
             g = gate_rows(bank, scorer, [(t, name)], cfg, GATE_STEPS, GATE_LR, CENTROID_EXAMPLES)
             new[-1]["gate_val_acc"] = g[0]["val_acc"]
-        phase("save", name)
-        bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
-        run.finished(name, new)
+        if writer:
+            phase("save", name)
+            bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
+            run.finished(name, new)
         rows += new
     if writer:
         phase("save")
         bank.save(args.out)
     return rows
+
+
+def _eval_shard() -> tuple[int, int] | None:
+    """(rank, world size) while a process group spans several ranks (after a distributed fit), else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
 
 
 def add_parser(sub) -> None:
