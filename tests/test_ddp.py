@@ -36,19 +36,30 @@ def _task_file(path: Path, seed: int, n: int = 80) -> Path:
     return path
 
 
-def _train(tmp: Path, out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _train(tmp: Path, out: Path, *flags: str, env: dict | None = None, torchrun: bool = False
+           ) -> subprocess.CompletedProcess:
     files = [f"toy={_task_file(tmp / 'toy.csv', 0)}", f"toy2={_task_file(tmp / 'toy2.csv', 1)}"]
     tasks = [a for f in files[: 2 if "--two" in flags else 1] for a in ("--task-file", f)]
     flags = tuple(f for f in flags if f != "--two")
-    cmd = [sys.executable, "-m", "mtpeft", "train", "--backbone", "tiny-bert", *tasks, "--out", str(out),
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+              str(_free_port())] if torchrun else [sys.executable]
+    cmd = [*launch, "-m", "mtpeft", "train", "--backbone", "tiny-bert", *tasks, "--out", str(out),
            "--batch-size", "8", "--max-epochs", "2", "--lr", "5e-3", "--option", "r=4", "--option", "dropout=0",
            "--accelerator", "cpu", "--json", *flags]
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
          "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
         if not (env and k in env):
             e.pop(k, None)
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env=e, cwd=tmp, timeout=300)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -58,14 +69,17 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return {f"{n}/{k}": p.detach().clone() for n in bank.names for k, p in bank.module_parameters(n).items()}
 
 
-@pytest.mark.parametrize("kind", ["expert", "multitask"])
-def test_two_processes_train_the_same_bank_as_one(tmp_path, kind):
+@pytest.mark.parametrize(("kind", "launcher"), [("expert", "lightning"), ("multitask", "lightning"),
+                                                ("expert", "torchrun")])
+def test_two_processes_train_the_same_bank_as_one(tmp_path, kind, launcher):
     """2 ranks x 4 examples per step = one process x 8: the same steps, the same kept epoch, the same weights
     (up to float summation order), and the same report (each rank validated and tested half the examples).
-    multitask: one module on a two-task mixture (weighted sampling with replacement, the same draws)."""
+    multitask: one module on a two-task mixture (weighted sampling with replacement, the same draws).
+    lightning: Lightning's launcher starts rank 1; torchrun: torchrun starts both ranks at once."""
     flags = ("--two", "--multitask") if kind == "multitask" else ()
     one = _train(tmp_path, tmp_path / "one", *flags)
-    two = _train(tmp_path, tmp_path / "two", *flags, "--devices", "2", "--strategy", "ddp")
+    two = _train(tmp_path, tmp_path / "two", *flags, "--devices", "2", "--strategy", "ddp",
+                 torchrun=launcher == "torchrun")
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one report: only rank zero prints
