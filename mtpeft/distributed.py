@@ -8,6 +8,7 @@ share of each global batch, and only rank zero writes (the bank, the run state, 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -114,3 +115,32 @@ def all_sum(values: list[int]) -> list[int]:
         t = t.cuda()
     dist.all_reduce(t)
     return [int(v) for v in t.cpu().tolist()]
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective broke because a peer went away (gloo: the connection closed; NCCL: a backend error)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or "Connection closed by peer" in text \
+        or "remote worker" in text
+
+
+@contextlib.contextmanager
+def rank_failure(parallel: Parallel, rank: int, kept: str, command: str):
+    """On several processes, any failure (of this rank, or a peer's seen as a broken collective) becomes a
+    clear error naming the rank, what is ``kept`` (e.g. "The bank OUT") and how to go on; the run's state is
+    left as a kill leaves it (waiting for ``--resume``). One process: errors pass unchanged."""
+    try:
+        yield
+    except (MtpeftError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if not parallel.distributed:
+            raise
+        what = f"{type(e).__name__}: {str(e)[:500]}"
+        if _peer_failed(e):
+            what = f"another rank failed (its own error is printed too): {what[:200]}"
+        raise MtpeftError(f"rank {rank} of {parallel.world_size} stopped: {what}; the run stops on every rank. "
+                          f"{kept} holds what was finished before; `{command}` with the same flags and --resume "
+                          "finishes the run (on any number of processes)") from e

@@ -114,7 +114,7 @@ def _parallel(args):
 def cmd_train(args):
     from ..api import check_bank_target, parse_options
     from ..bank import locked
-    from ..distributed import global_rank
+    from ..distributed import global_rank, rank_failure
 
     _apply_train_config(args)
     _check_train_args(args)
@@ -130,41 +130,18 @@ def cmd_train(args):
     config = parse_options(args.module, args.option)
     check_bank_target(args.out)
     if rank != 0:  # another rank of a distributed run: rank zero holds the lock and writes; this one follows
-        with _rank_failure(parallel, rank, args.out):
+        with rank_failure(parallel, rank, f"The bank {args.out}", "mtpeft train"):
             _train_into(args, tasks, config, writer=False)
         return
     fresh = not Path(args.out).exists()
     with locked(args.out):  # one writer per bank for the whole run: a second `train --out` is refused up front
         try:
-            with _rank_failure(parallel, rank, args.out):
+            with rank_failure(parallel, rank, f"The bank {args.out}", "mtpeft train"):
                 _train_into(args, tasks, config)
         except BaseException:
             if fresh:
                 _drop_if_only_locks(Path(args.out))
             raise
-
-
-def _rank_failure(parallel, rank: int, out):
-    """On several processes, any failure (of this rank, or a peer's seen as a broken collective) becomes a
-    clear error naming the rank; the run state is left as a kill leaves it (waiting for ``--resume``)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except (MtpeftError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            if not parallel.distributed:
-                raise
-            what = f"{type(e).__name__}: {str(e)[:500]}"
-            if _peer_failed(e):
-                what = f"another rank failed (its own error is printed too): {what[:200]}"
-            raise MtpeftError(f"rank {rank} of {parallel.world_size} stopped: {what}; the run stops on every rank. "
-                              f"The bank {out} holds the modules finished before; `mtpeft train` with the same "
-                              "flags and --resume finishes the run (on any number of processes)") from e
-    return guard()
 
 
 def _drop_if_only_locks(out: Path) -> None:
@@ -182,15 +159,6 @@ def _drop_if_only_locks(out: Path) -> None:
         with contextlib.suppress(OSError):
             (out / lock).unlink(missing_ok=True)
             out.rmdir()
-
-
-def _peer_failed(e: BaseException) -> bool:
-    """A collective broke because a peer went away (gloo: the connection closed; NCCL: a backend error)."""
-    import torch.distributed as dist
-
-    text = str(e)
-    return isinstance(e, getattr(dist, "DistBackendError", ())) or "Connection closed by peer" in text \
-        or "remote worker" in text
 
 
 def _train_into(args, tasks, config, writer: bool = True):

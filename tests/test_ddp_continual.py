@@ -1,0 +1,78 @@
+"""A continual run on two processes (Lightning DDP, gloo on CPU) gives the report of one process: every fit
+of every strategy on the same global batches, rank zero alone evaluating and writing. These tests start
+real processes (`python -m mtpeft continual --devices 2`)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from continual_util import task_specs
+
+pytestmark = pytest.mark.processes
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = "seqft,expert-oracle,joint"
+
+
+def _config(tmp: Path) -> Path:
+    conf = {"backbone": "tiny-bert", "tasks": task_specs(tmp)[:2], "scenario": "task-il", "max_steps": 12,
+            "max_epochs": 10, "lr": 0.05, "batch_size": 8, "patience": 10, "max_train": None, "max_eval": None,
+            "options": {"r": 4, "alpha": 8}, "seeds": [0]}
+    path = tmp / "c.json"
+    path.write_text(json.dumps(conf))
+    return path
+
+
+def _continual(tmp: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mtpeft", "continual", "--config", str(_config(tmp)), "--out", str(out),
+           "--compare", STRATEGIES, "--accelerator", "cpu", "--json", *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
+        env.pop(k, None)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+
+
+def _files(out: Path) -> list[str]:
+    """The run directory's files, weight files without their content hash, logs left out."""
+    return sorted(re.sub(r"\.[0-9a-f]{16}\.safetensors$", ".safetensors", str(p.relative_to(out)))
+                  for p in out.rglob("*") if p.is_file() and "logs" not in p.parts)
+
+
+def test_two_processes_give_the_report_of_one(tmp_path):
+    one = _continual(tmp_path, tmp_path / "one")
+    two = _continual(tmp_path, tmp_path / "two", "--devices", "2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one report: rank zero's
+    assert set(r1["strategies"]) == set(r2["strategies"]) == set(STRATEGIES.split(","))
+    for s in r1["strategies"]:
+        m1, m2 = r1["strategies"][s], r2["strategies"][s]
+        for k, v in m1["mean"].items():  # accuracies over 16 test examples: at most one may flip
+            assert (v is None) == (m2["mean"][k] is None), (s, k)
+            if v is not None:
+                assert abs(v - m2["mean"][k]) <= 1 / 16 + 1e-9, (s, k, v, m2["mean"][k])
+    for s in ("seqft", "expert-oracle"):
+        st1, st2 = (json.loads((tmp_path / d / "runs" / s / "seed0" / "state.json").read_text()) for d in ("one", "two"))
+        assert [t["steps"] for t in st1["timings"]] == [t["steps"] for t in st2["timings"]] == [12, 12]
+        for a, b in zip(st1["matrix"]["R"], st2["matrix"]["R"], strict=True):
+            assert all(abs(x - y) <= 1 / 16 + 1e-9 for x, y in zip(a, b, strict=True)), (s, a, b)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")  # rank zero wrote what one process writes
+
+
+def test_replay_is_refused_on_several_processes(tmp_path, capsys):
+    from mtpeft.cli import main
+
+    out = tmp_path / "o"
+    assert main(["continual", "--config", str(_config(tmp_path)), "--out", str(out), "--compare", "seqft,replay",
+                 "--devices", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "replay cannot run on several processes yet" in err and "--devices 1" in err
+    assert not out.exists()
+    assert main(["continual", "--config", str(_config(tmp_path)), "--out", str(out), "--devices", "3"]) == 2
+    assert "batch_size 8 is the global batch" in capsys.readouterr().err
