@@ -118,10 +118,10 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
     tasks = list(tasks)
     parallel = cfg.parallel()
     parallel.check_batch(cfg.batch_size)
-    if parallel.distributed and datamodule is not None \
-            and getattr(type(datamodule), "train_dataloader", None) is not TaskDataModule.train_dataloader:
-        raise MtpeftError(f"{type(datamodule).__name__} does not split its batches over ranks yet: train {name!r} "
-                          "on one process (--devices 1), or give a TaskDataModule")
+    if parallel.distributed and datamodule is not None and not _splits_itself(datamodule):
+        from .lightning.data import RankShards
+
+        datamodule = RankShards(datamodule)  # each rank its slice of the module's own batches
     torch.set_num_threads(max(1, torch.get_num_threads()))
     module = PhaseModule(bank, scorer, tasks, router, objective=objective, lr=cfg.lr, router_lr=router_lr,
                          weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, labels=labels)
@@ -151,6 +151,14 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
         raise
     return {"best_val_acc": None if keep.best is None else round(keep.best, 6), "best_epoch": keep.best_epoch, "steps": trainer.global_step,
             "train_seconds": round(time.perf_counter() - t0, 2), "seed": seed}
+
+
+def _splits_itself(datamodule) -> bool:
+    """A ``TaskDataModule`` whose batches and evaluation splits are its own: they split over ranks already."""
+    from .lightning import TaskDataModule
+
+    t = type(datamodule)
+    return all(getattr(t, f, None) is getattr(TaskDataModule, f) for f in ("train_dataloader", "_eval"))
 
 
 def _may_leave_out(bank, router) -> bool:

@@ -164,3 +164,19 @@ def test_rank_batches_split_each_global_batch_as_one_process_sees_it():
                 assert got == whole
             else:  # the short last batch, padded with its own first examples
                 assert got[: len(whole)] == whole and got[len(whole):] == whole[: len(got) - len(whole)]
+
+
+def test_one_process_keeps_the_data_order_it_always_had():
+    """The rank-aware loader changes nothing on one process: the order of DataLoader(shuffle=True,
+    generator=g), epoch after epoch (its iterator draws a base seed from g before the permutation)."""
+    from conftest import synthetic_task
+    from torch.utils.data import DataLoader
+
+    from mtpeft.lightning.data import TaskDataModule, _Examples, collate
+
+    task = synthetic_task(n=40)
+    new = TaskDataModule([task], batch_size=8, seed=5).train_dataloader()
+    old = DataLoader(_Examples([task], "train"), batch_size=8, shuffle=True,
+                     generator=torch.Generator().manual_seed(5), collate_fn=collate)
+    for _ in range(3):
+        assert [b["text"] for b in new] == [b["text"] for b in old]

@@ -1,5 +1,6 @@
 """A continual run on two processes (Lightning DDP, gloo on CPU) gives the report of one process: every fit
-of every strategy on the same global batches, rank zero alone evaluating and writing. These tests start
+of every strategy on the same global batches (replay's too: new examples and replayed ones, each rank its
+slice), the replay memory the same on every rank, rank zero alone evaluating and writing. These tests start
 real processes (`python -m mtpeft continual --devices 2`)."""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from continual_util import task_specs
 pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = "seqft,expert-oracle,joint"
+STRATEGIES = "seqft,expert-oracle,replay,joint"
 
 
 def _config(tmp: Path) -> Path:
@@ -57,7 +58,7 @@ def test_two_processes_give_the_report_of_one(tmp_path):
             assert (v is None) == (m2["mean"][k] is None), (s, k)
             if v is not None:
                 assert abs(v - m2["mean"][k]) <= 1 / 16 + 1e-9, (s, k, v, m2["mean"][k])
-    for s in ("seqft", "expert-oracle"):
+    for s in ("seqft", "expert-oracle", "replay"):
         st1, st2 = (json.loads((tmp_path / d / "runs" / s / "seed0" / "state.json").read_text()) for d in ("one", "two"))
         assert [t["steps"] for t in st1["timings"]] == [t["steps"] for t in st2["timings"]] == [12, 12]
         for a, b in zip(st1["matrix"]["R"], st2["matrix"]["R"], strict=True):
@@ -65,14 +66,10 @@ def test_two_processes_give_the_report_of_one(tmp_path):
     assert _files(tmp_path / "one") == _files(tmp_path / "two")  # rank zero wrote what one process writes
 
 
-def test_replay_is_refused_on_several_processes(tmp_path, capsys):
+def test_the_global_batch_must_split_evenly(tmp_path, capsys):
     from mtpeft.cli import main
 
     out = tmp_path / "o"
-    assert main(["continual", "--config", str(_config(tmp_path)), "--out", str(out), "--compare", "seqft,replay",
-                 "--devices", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "replay cannot run on several processes yet" in err and "--devices 1" in err
-    assert not out.exists()
     assert main(["continual", "--config", str(_config(tmp_path)), "--out", str(out), "--devices", "3"]) == 2
     assert "batch_size 8 is the global batch" in capsys.readouterr().err
+    assert not out.exists()

@@ -53,8 +53,8 @@ class ContinualRun:
 
     ``parallel`` (``mtpeft.distributed.Parallel``): every fit on several processes (Lightning DDP). Every
     rank runs the same run; the others train alongside rank zero, which alone evaluates, holds the lock and
-    writes (run file, states, checkpoints, report). Strategies whose data is not split over ranks yet
-    (replay) are refused up front."""
+    writes (run file, states, checkpoints, report). The replay memory is replicated: every rank inserts
+    the same examples with the same seeded policy, so every rank holds the same memory."""
 
     def __init__(self, conf: dict, out: str | Path, *, resume: bool = False, command: str = "",
                  progress: bool = True, log: Callable[[str], None] | None = None, parallel=None):
@@ -111,11 +111,6 @@ class ContinualRun:
         strategies = [safe_name(s) for s in strategies]
         for s in strategies:
             STRATEGIES.get(s)  # unknown names fail before anything runs
-        if self.parallel.distributed:
-            refused = [s for s in strategies if STRATEGIES.get(s).uses_memory]
-            if refused:
-                raise MtpeftError(f"{', '.join(refused)} cannot run on several processes yet (its replay batches are "
-                                  "not split over ranks); run it with --devices 1, or drop it from the strategies")
         if not self.writer:
             return self._follow(list(strategies), list(seeds))
         self.out.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,61 @@ class RankBatches(Sampler):
             yield self._share(batch)
 
 
+class RankSlices(Sampler):
+    """Rank ``rank``'s slice of each batch of ``batch_sampler`` (every rank iterates the same one: same
+    seed, same batches), cut as ``RankBatches`` cuts (padded with the batch's own first examples up to a
+    multiple of ``world``). For data modules that build their own batches (replay: new examples joined by
+    replayed ones)."""
+
+    def __init__(self, batch_sampler, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of world {world}")
+        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            batch = [int(i) for i in batch]
+            if len(batch) % self.world:
+                batch = batch + (batch * self.world)[: self.world - len(batch) % self.world]
+            k = len(batch) // self.world
+            yield batch[self.rank * k: (self.rank + 1) * k]
+
+
+class RankShards(L.LightningDataModule):
+    """Any data module's batches split over the ranks of a distributed fit: each training batch by
+    ``RankSlices``, each evaluation split by example (rank r takes r, r+N, ...). One process: unchanged."""
+
+    def __init__(self, inner: L.LightningDataModule):
+        super().__init__()
+        self.inner = inner
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
+
+    def _loader(self, dl: DataLoader, train: bool) -> DataLoader:
+        rank, world = self._rank()
+        if world == 1:
+            return dl
+        if train:
+            return DataLoader(dl.dataset, batch_sampler=RankSlices(dl.batch_sampler, rank, world),
+                              collate_fn=dl.collate_fn)
+        ds = Subset(dl.dataset, range(rank, len(dl.dataset), world))
+        return DataLoader(ds, batch_size=dl.batch_size, collate_fn=dl.collate_fn)
+
+    def train_dataloader(self):
+        return self._loader(self.inner.train_dataloader(), True)
+
+    def val_dataloader(self):
+        return self._loader(self.inner.val_dataloader(), False)
+
+    def test_dataloader(self):
+        return self._loader(self.inner.test_dataloader(), False)
+
+
 def mixture_weights(sizes: Sequence[int], sampling: str = "proportional", temperature: float = 2.0) -> np.ndarray:
     """Per-example sampling weights so task t is drawn with probability ~ n_t^(1/T) (T=1: proportional)."""
     sizes = np.asarray(sizes, dtype=np.float64)
@@ -117,8 +172,12 @@ class TaskDataModule(L.LightningDataModule):
     def train_dataloader(self):
         ds = _Examples(self.tasks, "train")
         g = torch.Generator().manual_seed(self.seed)
+        loader_gen = None
         if len(self.tasks) == 1 and self.samples_per_epoch is None:
             sampler = RandomSampler(ds, generator=g)
+            # as DataLoader(shuffle=True, generator=g) always did: each epoch's iterator first draws its
+            # base seed from g, then the permutation (the same data order as before, on every rank)
+            loader_gen = g
         else:
             w = mixture_weights(ds.sizes, self.sampling, self.temperature)
             n = self.samples_per_epoch or len(ds)
@@ -126,8 +185,8 @@ class TaskDataModule(L.LightningDataModule):
         rank, world = self._rank()
         if world > 1:  # the same global batches as one process, each rank its slice
             return DataLoader(ds, batch_sampler=RankBatches(sampler, self.batch_size, rank, world),
-                              collate_fn=collate)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
+                              generator=loader_gen, collate_fn=collate)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, generator=loader_gen, collate_fn=collate)
 
     def _eval(self, split):
         # One loader over every task: each example keeps its own task id (which routes and scores it), and
