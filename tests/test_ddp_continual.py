@@ -29,14 +29,16 @@ def _config(tmp: Path) -> Path:
     return path
 
 
-def _continual(tmp: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+def _continual(tmp: Path, out: Path, *flags: str, env: dict | None = None, strategies: str = STRATEGIES
+               ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mtpeft", "continual", "--config", str(_config(tmp)), "--out", str(out),
-           "--compare", STRATEGIES, "--accelerator", "cpu", "--json", *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "--compare", strategies, "--accelerator", "cpu", "--json", *flags]
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+         "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
-        env.pop(k, None)
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+        e.pop(k, None)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**e, **(env or {})}, cwd=tmp,
+                          timeout=600)
 
 
 def _files(out: Path) -> list[str]:
@@ -64,6 +66,24 @@ def test_two_processes_give_the_report_of_one(tmp_path):
         for a, b in zip(st1["matrix"]["R"], st2["matrix"]["R"], strict=True):
             assert all(abs(x - y) <= 1 / 16 + 1e-9 for x, y in zip(a, b, strict=True)), (s, a, b)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")  # rank zero wrote what one process writes
+
+
+def test_a_failing_rank_leaves_the_last_finished_task_for_resume(tmp_path):
+    """Rank 1 fails in seqft's second task (its 18th step: 12 per task): the command fails naming it, the
+    state holds the first task, finished; --resume on one process ends with the uninterrupted run's report."""
+    out = tmp_path / "run"
+    bad = _continual(tmp_path, out, "--devices", "2", strategies="seqft", env={"MTPEFT_FAIL_RANK": "1:18"})
+    assert bad.returncode != 0
+    assert "rank 1 of 2 stopped: InjectedFault" in bad.stderr, bad.stderr[-3000:]
+    assert "--resume finishes the run" in bad.stderr
+    state = json.loads((out / "runs" / "seqft" / "seed0" / "state.json").read_text())
+    assert state["done"] == 1 and not state["finished"] and len(state["matrix"]["R"]) == 1
+    good = _continual(tmp_path, out, "--resume", strategies="seqft")
+    assert good.returncode == 0, good.stderr[-3000:]
+    ref = _continual(tmp_path, tmp_path / "ref", strategies="seqft")
+    r, want = (json.loads(p.stdout)["strategies"]["seqft"]["mean"] for p in (good, ref))
+    for k, v in want.items():
+        assert (v is None) == (r[k] is None) and (v is None or abs(v - r[k]) <= 1 / 16 + 1e-9), (k, v, r[k])
 
 
 def test_the_global_batch_must_split_evenly(tmp_path, capsys):
