@@ -82,25 +82,22 @@ class Parallel:
 
 def global_rank(devices: int = 1) -> int:
     """This process's rank before any process group exists, from the launcher's environment: ``RANK``
-    (torchrun), else ``NODE_RANK * devices + LOCAL_RANK`` (Lightning's launcher; its first process has
-    neither), else ``SLURM_PROCID`` when SLURM started several tasks; 0 for a plain single process."""
+    (torchrun), else ``NODE_RANK * devices + LOCAL_RANK`` (Lightning's launcher: the first process of
+    node k has ``NODE_RANK=k`` from the user and no ``LOCAL_RANK``; on one node neither), else
+    ``SLURM_PROCID`` when SLURM started several tasks; 0 for a plain single process."""
     env = os.environ
-    if env.get("RANK", "").strip().isdigit():
-        return int(env["RANK"])
-    if env.get("LOCAL_RANK", "").strip().isdigit():
-        node = int(env["NODE_RANK"]) if env.get("NODE_RANK", "").strip().isdigit() else 0
-        return node * int(devices) + int(env["LOCAL_RANK"])
+
+    def num(key: str) -> int | None:
+        v = env.get(key, "").strip()
+        return int(v) if v.isdigit() else None
+
+    if num("RANK") is not None:
+        return num("RANK")
+    if num("LOCAL_RANK") is not None or num("NODE_RANK") is not None:  # node k's first process: NODE_RANK only
+        return (num("NODE_RANK") or 0) * int(devices) + (num("LOCAL_RANK") or 0)
     if env.get("SLURM_PROCID", "").strip().isdigit() and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return int(env["SLURM_PROCID"])
     return 0
-
-
-def barrier() -> None:
-    """Wait for every rank, when a process group exists (a no-op on one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def all_sum(values: list[int]) -> list[int]:

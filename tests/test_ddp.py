@@ -180,3 +180,22 @@ def test_one_process_keeps_the_data_order_it_always_had():
                      generator=torch.Generator().manual_seed(5), collate_fn=collate)
     for _ in range(3):
         assert [b["text"] for b in new] == [b["text"] for b in old]
+
+
+@pytest.mark.parametrize(("env", "rank"), [
+    ({}, 0),
+    ({"RANK": "5", "LOCAL_RANK": "1"}, 5),  # torchrun
+    ({"LOCAL_RANK": "1"}, 1),  # Lightning's launcher, one node
+    ({"NODE_RANK": "1"}, 4),  # node 1's first process (4 devices a node), started by the user
+    ({"NODE_RANK": "1", "LOCAL_RANK": "3"}, 7),
+    ({"SLURM_PROCID": "6", "SLURM_NTASKS": "8"}, 6),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 0),
+])
+def test_the_rank_is_read_from_the_launcher_before_any_process_group(monkeypatch, env, rank):
+    from mtpeft.distributed import global_rank
+
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert global_rank(4) == rank
