@@ -199,3 +199,26 @@ def test_the_rank_is_read_from_the_launcher_before_any_process_group(monkeypatch
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert global_rank(4) == rank
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2])
+def test_the_ranks_loaders_together_give_the_one_process_batches(n_tasks):
+    """Through TaskDataModule: rank 0's then rank 1's slice of each batch are the one-process batch, epoch
+    after epoch (one task: a seeded shuffle; two: seeded weighted draws with replacement)."""
+    import types
+
+    from conftest import synthetic_task
+
+    from mtpeft.lightning.data import TaskDataModule
+
+    tasks = [synthetic_task(f"t{i}", n=48, seed=i) for i in range(n_tasks)]
+    one = TaskDataModule(tasks, batch_size=8, seed=5).train_dataloader()
+    ranks = []
+    for r in range(2):
+        dm = TaskDataModule(tasks, batch_size=8, seed=5)
+        dm.trainer = types.SimpleNamespace(global_rank=r, world_size=2)
+        ranks.append(dm.train_dataloader())
+    for _ in range(3):
+        whole = [(b["text"], b["task"].tolist()) for b in one]
+        halves = [[(b["text"], b["task"].tolist()) for b in dl] for dl in ranks]
+        assert whole == [(a[0] + b[0], a[1] + b[1]) for a, b in zip(*halves, strict=True)]
