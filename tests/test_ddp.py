@@ -51,7 +51,7 @@ def _train(tmp: Path, out: Path, *flags: str, env: dict | None = None, torchrun:
     for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
         if not (env and k in env):
             e.pop(k, None)
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=e, cwd=tmp, timeout=300)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=e, cwd=tmp, timeout=1200)
 
 
 def _free_port() -> int:

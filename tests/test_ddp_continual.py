@@ -38,7 +38,7 @@ def _continual(tmp: Path, out: Path, *flags: str, env: dict | None = None, strat
     for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
         e.pop(k, None)
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**e, **(env or {})}, cwd=tmp,
-                          timeout=600)
+                          timeout=1800)
 
 
 def _files(out: Path) -> list[str]:
