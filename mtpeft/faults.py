@@ -5,6 +5,8 @@ points are the two instants of every atomic write (``mtpeft.io``): just before t
 file written and synced) and just after it. ``MTPEFT_TRACE=FILE``: append one line per phase marker
 (``phase <what> <module>``) and per crash point (``point <n> <label>``) to FILE, each flushed to disk
 before the process goes on, so that a test that killed the process knows where the kill landed.
+``MTPEFT_FAIL_RANK=R:N``: the process of global rank R raises ``InjectedFault`` at its Nth training step
+(1-based, counted over all its fits), as a rank of a distributed run that fails would.
 """
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ import os
 import signal
 
 _points = 0  # crash points passed by this process
+_steps = 0  # training steps taken by this process (MTPEFT_FAIL_RANK)
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``MTPEFT_FAIL_RANK`` asks for."""
 
 
 def mark(line: str) -> None:
@@ -39,3 +46,15 @@ def crash_point(label: str) -> None:
     mark(f"point {_points} {label}")
     if at and at.strip().isdigit() and int(at) == _points:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_fault(rank: int) -> None:
+    """One training step of global rank ``rank``: raise ``InjectedFault`` if it is the one asked for."""
+    global _steps
+    want = os.environ.get("MTPEFT_FAIL_RANK")
+    if not want:
+        return
+    _steps += 1
+    r, _, n = want.partition(":")
+    if r.strip() == str(rank) and n.strip().isdigit() and int(n) == _steps:
+        raise InjectedFault(f"injected fault (MTPEFT_FAIL_RANK={want}) at training step {_steps} of rank {rank}")

@@ -318,3 +318,44 @@ class Run:
         self.state["report"] = json.loads(json.dumps(report))
         self._write()
         phase("done")
+
+
+class RunView(Run):
+    """The run as a rank other than zero of a distributed run sees it: the same decisions as rank zero's
+    ``Run`` (which modules are finished and skipped, which to train again) from the same state file, with
+    no lock and no writes (rank zero holds the lock and writes). Rank zero checks the settings and the bank;
+    this view trusts them."""
+
+    def __enter__(self):
+        if not self.resume:
+            return self
+        states = _states(self.runs)
+        running = [(p, s) for p, s in states if s["status"] == "running"]
+        done = [(p, s) for p, s in states if not differences(s["config"], self.config)]
+        if running:
+            self.path, self.state = running[0]
+        elif done:
+            self.path, self.state = done[-1]
+        else:
+            self.state = {"units": [], "config": self.config}
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+    def rows(self, name: str) -> list[dict] | None:
+        return super().rows(name) if self.state else None
+
+    def begin(self, bank) -> None:
+        """Take out of ``bank`` (in memory) what rank zero's ``Run.begin`` takes out; write nothing."""
+        if not self.resume:
+            return
+        for name in self.state["config"]["modules"]:
+            if name in bank.names and self.rows(name) is None:
+                bank.remove(name)
+
+    def finished(self, name: str, rows: list[dict]) -> None:
+        return None
+
+    def close(self, report: dict) -> None:
+        return None

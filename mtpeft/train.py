@@ -31,6 +31,17 @@ class TrainConfig:
     seed: int = 0  # the run's seed; each fit derives its own from it and the fit's name (fit_seed)
     progress: bool = True
     run_dir: str | None = None  # Lightning's CSV logs of each fit under <run_dir>/<fit name>/ (None: no logs)
+    # where each fit runs (mtpeft.distributed.Parallel): devices processes on each of num_nodes nodes;
+    # batch_size stays the global batch (each of the N ranks takes batch_size / N)
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto (DDP on several processes) or ddp
+    accelerator: str = "auto"  # auto, cpu, gpu, cuda
+
+    def parallel(self):
+        from .distributed import Parallel
+
+        return Parallel(self.devices, self.num_nodes, self.strategy, self.accelerator)
 
 
 def fit_seed(seed: int, name: str) -> int:
@@ -40,7 +51,7 @@ def fit_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence = ()):
+def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence = (), find_unused: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
@@ -67,7 +78,7 @@ def _trainer(cfg: TrainConfig, callbacks, seed: int, name: str, tasks: Sequence 
         kw["log_every_n_steps"] = 1
     return L.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=cb, logger=logger,
                      enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
-                     accelerator="auto", devices=1, num_sanity_val_steps=0, deterministic=False, **kw)
+                     num_sanity_val_steps=0, deterministic=False, **cfg.parallel().trainer_kwargs(find_unused), **kw)
 
 
 @contextlib.contextmanager
@@ -105,6 +116,12 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
 
     cfg = cfg or TrainConfig()
     tasks = list(tasks)
+    parallel = cfg.parallel()
+    parallel.check_batch(cfg.batch_size)
+    if parallel.distributed and datamodule is not None and not _splits_itself(datamodule):
+        from .lightning.data import RankShards
+
+        datamodule = RankShards(datamodule)  # each rank its slice of the module's own batches
     torch.set_num_threads(max(1, torch.get_num_threads()))
     module = PhaseModule(bank, scorer, tasks, router, objective=objective, lr=cfg.lr, router_lr=router_lr,
                          weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, labels=labels)
@@ -121,7 +138,7 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
     t0 = time.perf_counter()
     try:
         with _quiet_lightning():
-            trainer = _trainer(cfg, [*callbacks, keep], seed, name, tasks)
+            trainer = _trainer(cfg, [*callbacks, keep], seed, name, tasks, find_unused=_may_leave_out(bank, router))
             trainer.fit(module, datamodule=dm)
         _check_finite(module, name, trainer.global_step)
     except NonFiniteLoss as e:
@@ -134,6 +151,22 @@ def fit_phase(bank, scorer, tasks: Sequence, router, cfg: TrainConfig | None = N
         raise
     return {"best_val_acc": None if keep.best is None else round(keep.best, 6), "best_epoch": keep.best_epoch, "steps": trainer.global_step,
             "train_seconds": round(time.perf_counter() - t0, 2), "seed": seed}
+
+
+def _splits_itself(datamodule) -> bool:
+    """A ``TaskDataModule`` whose batches and evaluation splits are its own: they split over ranks already."""
+    from .lightning import TaskDataModule
+
+    t = type(datamodule)
+    return all(getattr(t, f, None) is getattr(TaskDataModule, f) for f in ("train_dataloader", "_eval"))
+
+
+def _may_leave_out(bank, router) -> bool:
+    """Whether a step may use only some of what trains (DDP must then look for unused parameters): more
+    than one bank module trains, or the router trains alongside bank modules."""
+    training = [n for n in bank.names if any(p.requires_grad for p in bank.module_parameters(n).values())]
+    router_trains = any(p.requires_grad for p in router.parameters())
+    return len(training) > 1 or (router_trains and bool(training))
 
 
 def _check_finite(module, name: str, steps: int) -> None:
@@ -190,11 +223,14 @@ def fit_multitask(bank, scorer, tasks: Sequence, name: str = "multitask", module
 
 @torch.no_grad()
 def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", batch_size: int = 64,
-            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels on a split. ``routing_for_batch(n) -> Routing`` (None: bare backbone)."""
+            progress: bool = False, shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels on a split. ``routing_for_batch(n) -> Routing`` (None: bare backbone).
+    ``shard=(r, n)``: only the examples r, r+n, r+2n, ... (rank r of n's share)."""
     from tqdm.auto import tqdm
 
     ds = task.splits[split]
+    if shard is not None:
+        ds = ds.select(range(shard[0], len(ds), shard[1]))
     texts, labels = ds["text"], torch.tensor(ds["label"])
     preds = []
     bank.eval()
@@ -214,16 +250,23 @@ def predict(bank, scorer, task, routing_for_batch=None, split: str = "test", bat
 
 
 def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "test", batch_size: int = 64,
-             progress: bool = False) -> dict:
-    """Accuracy on ``split``: with task-id routing to ``module`` (a name or id), or the bare backbone (None)."""
+             progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
+    """Accuracy on ``split``: with task-id routing to ``module`` (a name or id), or the bare backbone (None).
+    ``shard=(rank, world)``: a collective over the process group: each rank predicts its share and the
+    counts are summed, so every rank returns the accuracy on the whole split."""
     routing_for_batch = None
     if module is not None:
         mid = module if isinstance(module, int) else bank.index(module)
         routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)
-    preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress)
+    preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress, shard)
+    correct, n = int((preds == labels).sum()), len(labels)
+    if shard is not None:
+        from .distributed import all_sum
+
+        correct, n = all_sum([correct, n])
     # from integer counts, as a Python float: 47/100 is 0.47, not float32's 0.4699999988079071
-    acc = int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
-    return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
+    acc = correct / n if n else 0.0
+    return {"task": task.name, "split": split, "accuracy": acc, "n": n,
             "majority": task.majority_baseline(split)}
 
 

@@ -99,16 +99,23 @@ def command_line(args) -> str:
 
 def cmd_continual(args):
     from ..continual.runner import run_continual
+    from ..distributed import Parallel, global_rank, rank_failure
     from ..io import check_writable_dir
     from ..train import default_threads
 
     conf, strategies, seeds = resolve(args)
+    parallel = Parallel(args.devices, args.num_nodes, args.dist_strategy, args.accelerator)
+    parallel.check_batch(conf["batch_size"], "batch_size")
+    rank = global_rank(args.devices) if parallel.distributed else 0
     check_writable_dir(args.out, "--out")
     default_threads()
     command = command_line(args)
     log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
-    report = run_continual(conf, args.out, strategies, seeds, resume=args.resume, command=command,
-                           progress=not args.json, log=log)
+    with rank_failure(parallel, rank, f"The run directory {args.out}", "mtpeft continual"):
+        report = run_continual(conf, args.out, strategies, seeds, resume=args.resume, command=command,
+                               progress=not args.json, log=log, parallel=parallel)
+    if rank != 0:  # rank zero reports
+        return
     if args.json:
         import json
 
@@ -146,4 +153,13 @@ def add_parser(sub):
                    help="MbPA++ local adaptation at test for the strategies that take it (replay, conpet-static): "
                         "a few steps on each input's memory neighbours, then the stored module back")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    g = p.add_argument_group("processes and nodes", "every fit on Lightning's DDP; every rank runs this same "
+                             "command, rank zero evaluates and writes (docs/scale-out.md)")
+    g.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="processes (CPU) or GPUs per node (default 1); batch_size stays the global batch")
+    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
+    g.add_argument("--dist-strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                   help="auto (default: DDP on several processes) or ddp (--strategy names the continual strategy)")
+    g.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
+                   help="auto (default), cpu (gloo), gpu/cuda (NCCL)")
     p.set_defaults(func=cmd_continual)

@@ -11,10 +11,13 @@ from .common import Setting, _common, _load_tasks, _task_args, emit
 TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
                   "max_examples": None, "seed": 0, "multitask": False, "sampling": "proportional", "lr": 1e-3,
                   "batch_size": 16, "max_epochs": 3, "max_steps": -1, "patience": 2, "run_dir": None,
-                  "router": None, "skills": 8, "splits": None, "router_lr": 0.1, "shared_routing": False}
+                  "router": None, "skills": 8, "splits": None, "router_lr": 0.1, "shared_routing": False,
+                  "devices": 1, "num_nodes": 1, "strategy": "auto", "accelerator": "auto"}
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
 SAMPLINGS = ("proportional", "temperature", "uniform")
 SKILL_ROUTERS = ("poly", "mhr")
+STRATEGIES = ("auto", "ddp", "fsdp")  # as mtpeft.distributed (not imported here: --help stays quick)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 # The type and range of every scalar setting, for its flag and its run-file key alike:
 # (key, kind, optional, ok, what to give, an example value).
@@ -36,6 +39,10 @@ SETTINGS = tuple(Setting(*row) for row in (
     ("splits", int, True, lambda v: v >= 1, "a positive integer (MHR: at least 2)", "4"),
     ("router_lr", float, False, lambda v: v > 0, "a positive learning rate", "0.1"),
     ("shared_routing", bool, False, None, "true or false", "true"),
+    ("devices", int, False, lambda v: v >= 1, "a positive integer (processes per node)", "2"),
+    ("num_nodes", int, False, lambda v: v >= 1, "a positive integer (nodes)", "1"),
+    ("strategy", str, False, lambda v: v in STRATEGIES, "one of " + ", ".join(STRATEGIES), "ddp"),
+    ("accelerator", str, False, lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS), "cpu"),
 ))
 
 
@@ -103,6 +110,7 @@ def _check_train_args(args) -> None:
     if args.max_epochs == -1 and args.max_steps == -1:
         raise MtpeftError("--max-epochs -1 trains without end unless --max-steps caps it; give a positive "
                           "--max-epochs (e.g. 3) or a --max-steps cap")
+    _parallel(args).check_batch(args.batch_size)  # fsdp refused, the global batch split evenly over the ranks
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
@@ -114,12 +122,24 @@ def _check_train_args(args) -> None:
         check_writable_dir(args.run_dir, "--run-dir")
 
 
+def _parallel(args):
+    from ..distributed import Parallel
+
+    return Parallel(args.devices, args.num_nodes, args.strategy, args.accelerator)
+
+
 def cmd_train(args):
     from ..api import check_bank_target, parse_options
     from ..bank import locked
+    from ..distributed import global_rank, rank_failure
 
     _apply_train_config(args)
     _check_train_args(args)
+    parallel = _parallel(args)
+    rank = global_rank(args.devices) if parallel.distributed else 0
+    if args.router is not None and parallel.distributed:
+        raise MtpeftError(f"skills (--router {args.router}) train on one process for now; drop --devices/--num-nodes "
+                          "(experts and multitask modules train on several)")
     tasks = _load_tasks(args)
     if args.gate and args.multitask:
         raise MtpeftError("--gate gates one expert per task (PHATGOOSE); drop --multitask, or gate later with "
@@ -131,10 +151,15 @@ def cmd_train(args):
                           "(experts are named TASK-TYPE) or add --multitask for one shared module")
     config = parse_options(args.module, args.option)
     check_bank_target(args.out)
+    if rank != 0:  # another rank of a distributed run: rank zero holds the lock and writes; this one follows
+        with rank_failure(parallel, rank, f"The bank {args.out}", "mtpeft train"):
+            _train_into(args, tasks, config, writer=False)
+        return
     fresh = not Path(args.out).exists()
     with locked(args.out):  # one writer per bank for the whole run: a second `train --out` is refused up front
         try:
-            _train_into(args, tasks, config)
+            with rank_failure(parallel, rank, f"The bank {args.out}", "mtpeft train"):
+                _train_into(args, tasks, config)
         except BaseException:
             if fresh:
                 _drop_if_only_locks(Path(args.out))
@@ -158,9 +183,12 @@ def _drop_if_only_locks(out: Path) -> None:
             out.rmdir()
 
 
-def _train_into(args, tasks, config):
+def _train_into(args, tasks, config, writer: bool = True):
+    """Train the run's modules. ``writer``: this process writes the bank and the run state (rank zero);
+    the other ranks of a distributed run train alongside it, from the same bank and run state, and write
+    nothing."""
     from ..api import check_input_room, load_bank_or_new
-    from ..runstate import Run, run_config
+    from ..runstate import Run, RunView, run_config
     from ..train import TrainConfig
 
     bank, scorer = load_bank_or_new(args.backbone, args.out)
@@ -173,7 +201,8 @@ def _train_into(args, tasks, config):
         names = [args.name or "multitask-" + args.module]
     else:
         names = [args.name if (args.name and len(tasks) == 1) else f"{t.name}-{args.module}" for t in tasks]
-    with Run(args.out, run_config(args, tasks, config, names), resume=args.resume) as run:  # BANK/runs/
+    state = Run if writer else RunView
+    with state(args.out, run_config(args, tasks, config, names), resume=args.resume) as run:  # BANK/runs/
         for name in names:  # before any training, so a clash costs nothing
             if name in bank.names and not run.owns(name):
                 raise MtpeftError(f"bank {args.out} already has a module named {name!r}; pass --name with another "
@@ -181,18 +210,23 @@ def _train_into(args, tasks, config):
         run.begin(bank)  # a new run writes its state; a resumed one drops its unfinished module
         cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
                           max_steps=args.max_steps, patience=args.patience, seed=args.seed, progress=True,
-                          run_dir=None if args.run_dir is None else str(args.run_dir))
-        rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run)
+                          run_dir=None if args.run_dir is None else str(args.run_dir), devices=args.devices,
+                          num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator)
+        rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer)
         obj = {"bank": str(args.out), "results": rows}
         if args.run_dir is not None:
             obj["run_dir"] = str(args.run_dir)
         run.close(obj)
+    if not writer:
+        return
     emit(args, obj, rows,
          ["module", "task", "n", "accuracy", "majority", "steps"], title=f"trained into {args.out}")
 
 
-def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[dict]:
-    """Train (or, when ``run`` finished them before an interruption, skip) the run's modules; the rows."""
+def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: bool = True) -> list[dict]:
+    """Train (or, when ``run`` finished them before an interruption, skip) the run's modules; the rows.
+    Every rank of a distributed run goes through the same steps (the fits and the evaluations are
+    collective: each rank evaluates its shard of the test split); only the ``writer`` (rank zero) saves."""
     from ..faults import phase
     from ..train import evaluate, fit_expert, fit_multitask
 
@@ -207,14 +241,16 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
         phase("train", name)
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
         phase("evaluate", name)
+        shard = _eval_shard()
         for t in tasks:
-            rows.append(dict(module=name, **evaluate(bank, scorer, t, name), steps=m["steps"]))
+            rows.append(dict(module=name, **evaluate(bank, scorer, t, name, shard=shard), steps=m["steps"]))
         per_task = {r["task"]: r["accuracy"] for r in rows}
         bank.record(name).metrics.update({"test_acc": round(sum(per_task.values()) / len(per_task), 6),
                                           "test_acc_per_task": per_task})
-        phase("save", name)
-        bank.save(args.out)
-        run.finished(name, rows)
+        if writer:
+            phase("save", name)
+            bank.save(args.out)
+            run.finished(name, rows)
         return rows
     for t, name in zip(tasks, names):
         done = run.rows(name)
@@ -224,7 +260,8 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
         phase("train", name)
         m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
         phase("evaluate", name)
-        res = evaluate(bank, scorer, t, name)
+        shard = _eval_shard()
+        res = evaluate(bank, scorer, t, name, shard=shard)
         bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
         new = [dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"])]
         if args.gate:  # PHATGOOSE gates and retrieval centroid of the new expert (cli/gate.py)
@@ -239,12 +276,14 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run) -> list[d
 
             phase("fisher", name)
             store_fisher(bank, scorer, t, name, batch_size=cfg.batch_size, seed=args.seed)
-        phase("save", name)
-        bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
-        run.finished(name, new)
+        if writer:
+            phase("save", name)
+            bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
+            run.finished(name, new)
         rows += new
-    phase("save")
-    bank.save(args.out)
+    if writer:
+        phase("save")
+        bank.save(args.out)
     return rows
 
 
@@ -272,6 +311,15 @@ def _train_skills(args, bank, scorer, tasks, names, config, cfg, run) -> list[di
     save_skills(router, args.out, name)
     run.finished(names[0], rows)
     return rows
+
+
+def _eval_shard() -> tuple[int, int] | None:
+    """(rank, world size) while a process group spans several ranks (after a distributed fit), else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
 
 
 def add_parser(sub) -> None:
@@ -317,4 +365,15 @@ def add_parser(sub) -> None:
     s.add_argument("--fisher", action="store_true",
                    help="after training each expert, store its Fisher task embedding (as `mtpeft embed`: 32 batches), "
                    "for `mtpeft adapt`'s pi-tuning and best-source")
+    g = s.add_argument_group("processes and nodes", "Lightning's DDP: every rank runs this same command (Lightning "
+                             "starts the local ones; torchrun or SLURM may start them all); rank zero writes "
+                             "(docs/scale-out.md)")
+    g.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="processes (CPU) or GPUs per node (default 1); --batch-size stays the global batch, each "
+                   "rank takes batch/(N x nodes)")
+    g.add_argument("--num-nodes", type=int, default=None, metavar="M", help="nodes (default 1)")
+    g.add_argument("--strategy", default=None, choices=STRATEGIES,
+                   help="auto (default: DDP on several processes) or ddp; fsdp is not supported yet")
+    g.add_argument("--accelerator", default=None, choices=ACCELERATORS,
+                   help="auto (default), cpu, or gpu/cuda; DDP talks gloo on CPU, NCCL on GPUs")
     s.set_defaults(func=cmd_train)

@@ -34,12 +34,14 @@ def _stream(conf: dict, seed: int) -> Stream:
                        max_eval=conf["max_eval"], seed=seed)
 
 
-def _train_config(conf: dict, seed: int, logs: Path | None):
+def _train_config(conf: dict, seed: int, logs: Path | None, parallel=None):
     from ..train import TrainConfig
 
+    par = {} if parallel is None else {"devices": parallel.devices, "num_nodes": parallel.num_nodes,
+                                       "strategy": parallel.strategy, "accelerator": parallel.accelerator}
     return TrainConfig(lr=conf["lr"], batch_size=conf["batch_size"], max_epochs=conf["max_epochs"],
                        max_steps=conf["max_steps"], patience=conf["patience"], seed=seed, progress=False,
-                       run_dir=None if logs is None else str(logs))
+                       run_dir=None if logs is None else str(logs), **par)
 
 
 # Config keys that say what to run, not how: a resumed run may add strategies and seeds.
@@ -47,13 +49,22 @@ WHAT_TO_RUN = ("strategy", "compare", "seeds")
 
 
 class ContinualRun:
-    """One run directory: ``run(strategies, seeds)`` trains and evaluates whatever is not finished yet."""
+    """One run directory: ``run(strategies, seeds)`` trains and evaluates whatever is not finished yet.
+
+    ``parallel`` (``mtpeft.distributed.Parallel``): every fit on several processes (Lightning DDP). Every
+    rank runs the same run; the others train alongside rank zero, which alone evaluates, holds the lock and
+    writes (run file, states, checkpoints, report). The replay memory is replicated: every rank inserts
+    the same examples with the same seeded policy, so every rank holds the same memory."""
 
     def __init__(self, conf: dict, out: str | Path, *, resume: bool = False, command: str = "",
-                 progress: bool = True, log: Callable[[str], None] | None = None):
+                 progress: bool = True, log: Callable[[str], None] | None = None, parallel=None):
+        from ..distributed import Parallel, global_rank
+
         self.conf, self.out, self.resume, self.command = conf, Path(out), resume, command
-        self.progress = progress
-        self.log = log or (lambda s: None)
+        self.parallel = parallel or Parallel()
+        self.writer = not self.parallel.distributed or global_rank(self.parallel.devices) == 0
+        self.progress = progress and self.writer
+        self.log = (log if self.writer else None) or (lambda s: None)
         self._streams: dict[int, Stream] = {}
         self._cells: dict[int, dict] = {}  # seed -> evaluated cells that cannot change (see evaluate.row)
         self._shared: dict[int, dict] = {}  # seed -> fits the strategies of that seed share (Context.shared)
@@ -100,6 +111,8 @@ class ContinualRun:
         strategies = [safe_name(s) for s in strategies]
         for s in strategies:
             STRATEGIES.get(s)  # unknown names fail before anything runs
+        if not self.writer:
+            return self._follow(list(strategies), list(seeds))
         self.out.mkdir(parents=True, exist_ok=True)
         with DirLock(self.out, what="continual run"):
             strategies, seeds = self._open(list(strategies), list(seeds))
@@ -115,6 +128,25 @@ class ContinualRun:
             from .report import write_report
 
             return write_report(self.out)
+
+    def _follow(self, strategies: list[str], seeds: list[int]) -> dict:
+        """A rank other than zero: the same fits as rank zero, in the same order, writing and evaluating
+        nothing. Rank zero's ``_open`` decides what runs; this reads the same inputs (the saved run file
+        when resuming) and makes the same decision."""
+        if self.resume and (self.out / "run.json").exists():
+            saved = read_run(self.out)
+            strategies = list(dict.fromkeys([*saved.get("strategies", []), *strategies]))
+            seeds = list(dict.fromkeys([*saved.get("seeds", []), *seeds]))
+        stream = self.stream(seeds[0])
+        self.run_file = {"format": RUN_FORMAT, "version": RUN_VERSION, "stream": stream.describe(),
+                         "strategies": strategies, "seeds": seeds, "config": self.conf, "command": self.command,
+                         "baselines": {"majority": {t.name: t.majority_baseline("test") for t in stream.tasks}}}
+        bar = _bar(0, False)
+        for seed in seeds:
+            untrained = [float("nan")] * len(self.stream(seed))  # rank zero's to measure
+            for name in strategies:
+                self.run_one(name, seed, untrained, bar)
+        return {}
 
     # ---- the untrained row -------------------------------------------------------------------------
     def untrained(self, seed: int) -> list[float]:
@@ -165,7 +197,7 @@ class ContinualRun:
         from .strategies import Context
 
         ctx = Context(bank, scorer, stream, self.conf["module"], dict(self.conf["options"]),
-                      _train_config(self.conf, seed, folder / "logs"), seed, memory, folder, self.progress,
+                      _train_config(self.conf, seed, folder / "logs", self.parallel), seed, memory, folder, self.progress,
                       shared=self._shared.setdefault(seed, {}))
         strategy = cls(ctx, **self.conf["strategies"].get(name, {}))
         if state is not None:
@@ -181,6 +213,8 @@ class ContinualRun:
             task = stream.tasks[step]
             bar.set_description(f"{name} seed {seed}: {task.name}")
             timings.append(self._step(strategy, step, task, matrix))
+            if not self.writer:
+                continue
             self._commit(strategy, folder, step + 1, matrix, timings, len(stream))
             bar.update(1)
             self.log(f"{name} seed {seed}: after {task.name}: "
@@ -207,6 +241,8 @@ class ContinualRun:
         crash_point(f"continual {strategy.name} {task.name}: trained")
         strategy.after_task(step, task)
         train_s = time.perf_counter() - t0 - ctx.timings["memory_s"]
+        if not self.writer:  # rank zero evaluates
+            return {}
         t1 = time.perf_counter()
         def key_of(t):
             k = strategy.eval_key(step, t)
@@ -247,6 +283,8 @@ class ContinualRun:
         t0 = time.perf_counter()
         fit = strategy.train_stream() or {}
         train_s = time.perf_counter() - t0
+        if not self.writer:  # rank zero evaluates and writes
+            return
         t1 = time.perf_counter()
         last = len(stream) - 1
         accs = {t.name: task_accuracy(ctx.bank, ctx.scorer, t, strategy.eval_router(last, t),
@@ -270,9 +308,11 @@ def _bar(total: int, enabled: bool):
 
 
 def run_continual(conf: dict, out: str | Path, strategies: Sequence[str], seeds: Sequence[int], *,
-                  resume: bool = False, command: str = "", progress: bool = True, log=None) -> dict:
-    """Run ``strategies`` x ``seeds`` on the config's stream into ``out``; returns the report (``report.json``)."""
-    return ContinualRun(conf, out, resume=resume, command=command, progress=progress, log=log).run(strategies, seeds)
+                  resume: bool = False, command: str = "", progress: bool = True, log=None, parallel=None) -> dict:
+    """Run ``strategies`` x ``seeds`` on the config's stream into ``out``; returns the report (``report.json``;
+    ``{}`` on a rank other than zero of a distributed run, see ``ContinualRun``)."""
+    return ContinualRun(conf, out, resume=resume, command=command, progress=progress, log=log,
+                        parallel=parallel).run(strategies, seeds)
 
 
 __all__ = ["ContinualRun", "run_continual"]

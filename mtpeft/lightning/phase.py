@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..faults import step_fault
 from ..io import MtpeftError
 from ..modules.base import Stack
 from ..routers import Router
@@ -131,6 +132,7 @@ class PhaseModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        step_fault(self.global_rank)  # inert unless MTPEFT_FAIL_RANK asks (mtpeft.faults)
         loss = self._common_step(batch, "train")
         if not torch.isfinite(loss):  # before backward: a NaN step would make every weight NaN
             raise NonFiniteLoss(self.global_step + 1, float(loss.detach()))
