@@ -245,13 +245,19 @@ def _mean_row(rs: list[dict], keys: tuple[str, ...]) -> str:
     return "| **mean** | " + " | ".join(_ms(r["summary"].get(k) for r in rs) for k in keys) + " |"
 
 
+def _eq_steps(rs: list[dict]) -> str:
+    """The steps single-task prompt tuning took "at equal steps" (the task's share of the student's)."""
+    steps = sorted({x.get("prompt_eq_steps") for r in rs for x in r["sources"]} - {None})
+    return "/".join(map(str, steps)) + " steps" if steps else "steps"
+
+
 def _mpt_backbone(bb: str, agg: dict, rs: list[dict]) -> list[str]:
     p = agg["parameters"]
     seeds = ", ".join(str(r["seed"]) for r in rs)
     out = [(f"*{bb}* (seeds {seeds}; ≤{rs[0]['max_examples']} examples per split; trainable parameters per task: "
             f"teacher prompt {p['teacher_per_task']:,}, student factors {p['student_per_task']:,} "
             f"({p['student_over_teacher']:.3f} of a teacher's; the shared prompt, {p['shared_prompt']:,}, once)"),
-           "", "| source task | teacher | MPT student | prompt tuning, student's steps | zero-shot | majority |",
+           "", f"| source task | teacher | MPT student | prompt tuning at equal steps ({_eq_steps(rs)}) | zero-shot | majority |",
            "|---|---|---|---|---|---|"]
     for t in [x["task"] for x in rs[0]["sources"]]:
         out.append(f"| `{t}` | " + " | ".join(_cell(rs, "sources", t, k) for k in
