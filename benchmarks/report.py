@@ -222,8 +222,12 @@ def continual_costs(d: dict, strategies: list[str]) -> list[str]:
                 + " (against the same strategy's evaluation without it: the row without -mbpa)."]
     base = [s for s in strategies if d["strategies"][s].get("from")]
     if base:
+        load = (d.get("environment") or {}).get("load_avg")
         out += ["", (f"Rows {', '.join(base)} come from `{d.get('baseline_from')}` (the same config, data, steps "
-                     "and seeds; checked by bench_continual.py).")]
+                     "and seeds; checked by bench_continual.py). Their accuracies compare; their seconds do not: the "
+                     "two were timed on differently loaded machines"
+                     + (f" (this run's 1-minute load average {load[0]} on {d['environment'].get('cpus')} cores)"
+                        if load else "") + ".")]
     return out
 
 
