@@ -23,6 +23,14 @@ class Registry(Generic[T]):
 
         return deco
 
+    def register_class(self, name: str) -> Callable[[T], T]:
+        """Class decorator: register a class under ``name`` and set its ``name`` attribute to it."""
+        def deco(cls: T) -> T:
+            cls.name = name
+            return self.register(name)(cls)
+
+        return deco
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise MtpeftError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}")

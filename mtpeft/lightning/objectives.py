@@ -36,11 +36,7 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 def register_objective(name: str):
     """Class decorator: ``@register_objective("cross_entropy")`` on an Objective subclass."""
 
-    def deco(cls):
-        cls.name = name
-        return OBJECTIVES.register(name)(cls)
-
-    return deco
+    return OBJECTIVES.register_class(name)
 
 
 class Objective:

@@ -247,8 +247,4 @@ class ModuleType:
 def register(name: str):
     """Class decorator: ``@register("lora")`` on a ModuleType subclass."""
 
-    def deco(cls):
-        cls.name = name
-        return MODULE_TYPES.register(name)(cls)
-
-    return deco
+    return MODULE_TYPES.register_class(name)

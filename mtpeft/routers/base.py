@@ -34,11 +34,7 @@ FORMAT = "mtpeft-router"
 def register_router(name: str):
     """Class decorator: ``@register_router("task_id")`` on a Router subclass."""
 
-    def deco(cls):
-        cls.name = name
-        return ROUTERS.register(name)(cls)
-
-    return deco
+    return ROUTERS.register_class(name)
 
 
 class Router(nn.Module):

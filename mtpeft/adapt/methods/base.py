@@ -22,11 +22,7 @@ ADAPT_METHODS: Registry[type[AdaptMethod]] = Registry("adapt method")
 def register_method(name: str):
     """Class decorator: ``@register_method("lorahub")`` on an AdaptMethod subclass."""
 
-    def deco(cls):
-        cls.name = name
-        return ADAPT_METHODS.register(name)(cls)
-
-    return deco
+    return ADAPT_METHODS.register_class(name)
 
 
 @dataclass

@@ -24,11 +24,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 def register_strategy(name: str):
     """Class decorator: ``@register_strategy("replay")`` on a Strategy subclass."""
 
-    def deco(cls):
-        cls.name = name
-        return STRATEGIES.register(name)(cls)
-
-    return deco
+    return STRATEGIES.register_class(name)
 
 
 @dataclass
