@@ -145,6 +145,15 @@ class Strategy:
         return self.ctx.stream.tasks[: step + 1]
 
 
+def check_steps_option(who: str, key: str, value, max_steps: int, what: str, give: str) -> None:
+    """A per-task step count option: a positive integer, or None (then the run's ``max_steps``, which must be
+    a cap). ``what`` names it in the error, ``give`` says what to give when ``max_steps`` is -1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise MtpeftError(f"{who}: {what} must be a positive integer, got {value!r}")
+    if value is None and max_steps < 1:
+        raise MtpeftError(f"{who}: with max_steps -1 (no cap) give {give}: strategies: {{{who}: {{{key}: 40}}}}")
+
+
 def only(name: str) -> FixedRouter:
     """Every example to module ``name`` with weight 1 (the single-expert fast path)."""
     return FixedRouter({name: 1.0})

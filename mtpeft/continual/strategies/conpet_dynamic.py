@@ -29,7 +29,7 @@ from torch import Tensor
 from ...errors import MtpeftError
 from ...routing import Routing
 from ...scoring.labels import LabelSpace
-from .base import only, register_strategy
+from .base import check_steps_option, only, register_strategy
 from .conpet_static import use_kmeans_memory
 from .expert_oracle import ExpertOracle
 from .replay import remember
@@ -126,12 +126,8 @@ class ConPETDynamic(ExpertOracle):
         o = self.options
         if isinstance(o["top_k"], bool) or not isinstance(o["top_k"], int) or o["top_k"] < 1:
             raise MtpeftError(f"conpet-dynamic: top_k must be a positive integer, got {o['top_k']!r}")
-        st = o["selector_steps"]
-        if st is not None and (isinstance(st, bool) or not isinstance(st, int) or st < 1):
-            raise MtpeftError(f"conpet-dynamic: selector_steps must be a positive integer, got {st!r}")
-        if st is None and self.ctx.train.max_steps < 1:
-            raise MtpeftError("conpet-dynamic: with max_steps -1 (no cap) give selector_steps: "
-                              "strategies: {conpet-dynamic: {selector_steps: 40}}")
+        check_steps_option("conpet-dynamic", "selector_steps", o["selector_steps"], self.ctx.train.max_steps,
+                           "selector_steps", "selector_steps")
         for k in ("selector_lr", "mix_weight"):
             v = o[k]
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from ...errors import MtpeftError
 from ..replay_data import ReplayDataModule
-from .base import only, register_strategy
+from .base import check_steps_option, only, register_strategy
 from .replay import Replay, memory_rows
 
 POLICIES = ("kmeans", "config")
@@ -44,12 +44,8 @@ class ConPETStatic(Replay):
 
     def check_options(self):
         o = self.options
-        b = o["budget"]
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise MtpeftError(f"conpet-static: budget (batches per task) must be a positive integer, got {b!r}")
-        if b is None and self.ctx.train.max_steps < 1:
-            raise MtpeftError("conpet-static: with max_steps -1 (no cap) give the budget of batches per task: "
-                              "strategies: {conpet-static: {budget: 40}}")
+        check_steps_option("conpet-static", "budget", o["budget"], self.ctx.train.max_steps,
+                           "budget (batches per task)", "the budget of batches per task")
         r = o["old_ratio"]
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
             raise MtpeftError(f"conpet-static: old_ratio (the share of each batch drawn from the memory) must be in "
