@@ -115,3 +115,16 @@ def bank_with(family, mtype, cfg, n=1, layers=2, attn=None):
         bank.add(f"m{i}", mtype, dict(cfg), seed=i)
         perturb(bank, f"m{i}", seed=i)
     return bank
+
+
+def task_csv(path, task):
+    """Write a Task's train/validation/test splits to one CSV task file (text, label name); returns ``path``."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for split in ("train", "validation", "test"):
+            for x, y in zip(task.splits[split]["text"], task.splits[split]["label"]):
+                w.writerow([x, task.label_names[y]])
+    return path

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, synthetic_task
+from conftest import perturb, synthetic_task, task_csv
 
 from mtpeft.adapt import Budget, fisher_embedding, run_adapt, sample_shots, similarity_matrix, store_fisher
 from mtpeft.adapt.fisher import fisher_sizes
@@ -213,18 +213,6 @@ def test_experts_of_the_target_task_are_left_out(library):
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------
-def _csv(path, task):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for split in ("train", "validation", "test"):
-            for t, y in zip(task.splits[split]["text"], task.splits[split]["label"]):
-                w.writerow([t, task.label_names[y]])
-    return path
-
-
 @pytest.fixture(scope="module")
 def saved_library(library, tmp_path_factory):
     bank, _, tasks = library
@@ -232,8 +220,8 @@ def saved_library(library, tmp_path_factory):
     for n in bank.names:  # stored by earlier tests in memory: the saved bank starts without
         bank.delete_artifact(n, "fisher")
     bank.save(d / "bank")
-    files = {n: _csv(d / f"{n}.csv", t) for n, t in tasks.items()}
-    files["target"] = _csv(d / "target.csv", synthetic_task("target", n=64, seed=5))
+    files = {n: task_csv(d / f"{n}.csv", t) for n, t in tasks.items()}
+    files["target"] = task_csv(d / "target.csv", synthetic_task("target", n=64, seed=5))
     return d / "bank", files
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import synthetic_task
+from conftest import synthetic_task, task_csv
 
 from mtpeft.backbone import load_backbone
 from mtpeft.bank import ModuleBank
@@ -267,15 +267,7 @@ def test_config_reads_yaml_floats_and_shipped_config():
 
 # ---- the command ----------------------------------------------------------------------------------
 def write_task(tmp_path, task):
-    import csv
-
-    path = tmp_path / f"{task.name}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for split in ("train", "validation", "test"):
-            for x, y in zip(task.splits[split]["text"], task.splits[split]["label"]):
-                w.writerow([x, task.label_names[y]])
+    path = task_csv(tmp_path / f"{task.name}.csv", task)
     return f"{task.name}={path}"
 
 
