@@ -120,9 +120,9 @@ def build_bank(conf: dict, work: Path, quick: bool):
 
 
 def _stat(xs) -> dict:
-    xs = list(xs)
-    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
-            "n": len(xs)}
+    from common import seed_stat  # common imports torch: not at module level (--help stays quick)
+
+    return seed_stat(xs)
 
 
 def summarise(reports: dict, conf: dict) -> dict:

@@ -17,7 +17,6 @@ the target stage beats prompt tuning from scratch. The causal backbone (SmolLM2)
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -61,11 +60,9 @@ def run_one(cfg, backbone: str, seed: int, a) -> dict:
 
 
 def _stat(xs) -> dict:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
-            "n": len(xs)}
+    from common import seed_stat  # common imports torch: not at module level (--help stays quick)
+
+    return seed_stat(xs)
 
 
 def aggregate(runs: list[dict]) -> dict:

@@ -103,9 +103,9 @@ def run_one(s: dict, contender: str, seed: int, a) -> dict:
 
 
 def _stat(xs) -> dict:
-    xs = list(xs)
-    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
-            "n": len(xs)}
+    from common import seed_stat  # common imports torch: not at module level (--help stays quick)
+
+    return seed_stat(xs)
 
 
 def aggregate(runs: list[dict]) -> dict:

@@ -65,6 +65,15 @@ def interleaved(contenders: dict, repeats: int = 15, warmup: int = 3, clock=time
     return {k: round(statistics.median(v), 3) for k, v in times.items() if v}
 
 
+def seed_stat(xs) -> dict:
+    """Mean and sample std over seeds (None values dropped), rounded to 4 places, with the count."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
+            "n": len(xs)}
+
+
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
