@@ -82,5 +82,5 @@ def test_mpt_export_errors(capsys, tmp_path):
     msg = error_of(capsys, "bank", "export", tmp_path / "b", "t0,nosuch", tmp_path / "o2")
     assert "no module 'nosuch'" in msg
     msg = error_of(capsys, "bank", "export", tmp_path / "b", "t0,,t1", tmp_path / "o3")
-    assert "empty name" in msg
+    assert "empty item" in msg
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))

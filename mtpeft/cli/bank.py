@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import MtpeftError
-from .common import emit
+from .common import comma_list, emit
 
 
 def cmd_bank_ls(args):
@@ -41,18 +41,11 @@ def cmd_bank_show(args):
         print(f"{'metadata':15s} {json.dumps(entry['metadata'])}")
 
 
-def _names(text: str, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",")]
-    if not all(names):
-        raise MtpeftError(f"{what} {text!r} has an empty name; give names separated by commas, e.g. a-mpt,b-mpt")
-    return names
-
-
 def cmd_bank_export(args):
     from ..api import open_bank
     from ..interop import export_peft
 
-    names = _names(args.module, "module")
+    names = comma_list(args.module, "MODULE")
     bank, _ = open_bank(args.bank)
     missing = [n for n in names if n not in bank.names]
     if missing:
@@ -106,9 +99,9 @@ def _import_mpt(bank, args, config: dict) -> list[str]:
 
     T = config.get("num_tasks")
     base = args.name or args.dir.resolve().name
-    names = _names(args.names, "--names") if args.names else \
+    names = comma_list(args.names, "--names") if args.names else \
         [f"{base}-t{t}" for t in range(T)] if isinstance(T, int) and T > 0 else []
-    tasks = _names(args.task, "--task") if args.task else None
+    tasks = comma_list(args.task, "--task") if args.task else None
     return import_peft_mpt(bank, args.dir, names, shared=args.shared or base, tasks=tasks)
 
 

@@ -70,6 +70,20 @@ def _as_kind(kind: type, value):
 
 
 # ---- output helpers ------------------------------------------------------------------------------
+def comma_list(text: str | None, flag: str, convert=str) -> list | None:
+    """``a,b,c`` -> ``[convert(a), ...]`` (None stays None); an empty item or one ``convert`` refuses is an error
+    naming ``flag``."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise MtpeftError(f"{flag} {text!r} has an empty item; give a comma-separated list, e.g. a,b")
+    try:
+        return [convert(x) for x in items]
+    except ValueError:
+        raise MtpeftError(f"{flag} {text!r}: every item must be a number, e.g. 0.5,0.5") from None
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     """Rows as aligned columns; floats to 3 decimals, control characters in names escaped."""
     from ..display import printable

@@ -4,19 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import MtpeftError
-
-
-def _list(text: str | None, what: str, convert=str) -> list | None:
-    if text is None:
-        return None
-    items = [x.strip() for x in text.split(",")]
-    if not all(items):
-        raise MtpeftError(f"--{what} {text!r} has an empty item; give a comma-separated list, e.g. a,b")
-    try:
-        return [convert(x) for x in items]
-    except ValueError:
-        raise MtpeftError(f"--{what} {text!r}: every item must be a number, e.g. 0.5,0.5") from None
+from .common import comma_list
 
 
 def cmd_merge(args):
@@ -24,8 +12,8 @@ def cmd_merge(args):
     from ..lock import DirLock
 
     read_manifest(args.bank)  # a clear error for a missing or foreign bank, before anything else
-    names = _list(args.modules, "modules")
-    weights = _list(args.weights, "weights", float)
+    names = comma_list(args.modules, "--modules")
+    weights = comma_list(args.weights, "--weights", float)
     with DirLock(args.bank, what="bank"):
         from ..api import open_bank
         from ..merge import merge_modules
