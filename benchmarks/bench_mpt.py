@@ -41,8 +41,25 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on the shared machine)")
     p.add_argument("--work", default=str(WORK), help="where the banks go (resumable)")
     p.add_argument("--out", default=None, help="the results file (default benchmarks/results/mpt.json)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs of other (backbone, seed) pairs already in --out (same config), so seeds can "
+                        "run as separate processes into one file")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny-bert, one seed, few examples and steps")
     return p.parse_args(argv)
+
+
+def earlier_runs(path: Path, config: dict, mine: set) -> list[dict]:
+    """The runs in ``path`` of (backbone, seed) pairs not in ``mine``; refused when its config differs."""
+    if not path.exists():
+        return []
+    from mtpeft.io import read_json
+
+    old = read_json(path, "MPT results")
+    if old.get("config") != config:
+        diff = sorted(k for k in set(old.get("config", {})) | set(config) if old.get("config", {}).get(k) != config.get(k))
+        raise SystemExit(f"--append: {path} was measured with another config (keys {', '.join(diff)} differ); "
+                         "give another --out or drop --append")
+    return [r for r in old.get("runs", []) if (r["backbone"], r["seed"]) not in mine]
 
 
 def run_one(cfg, backbone: str, seed: int, a) -> dict:
@@ -85,6 +102,20 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+def _command_for(argv: list[str], seeds: list[int]) -> str:
+    """``argv`` with its ``--seeds`` replaced by ``seeds``: the one command that reproduces every run in the file."""
+    out, skip = [], False
+    for x in argv:
+        if x == "--seeds":
+            skip = True
+            continue
+        if skip and x.lstrip("-").isdigit():
+            continue
+        skip = False
+        out.append(x)
+    return "python benchmarks/bench_mpt.py " + " ".join(out + ["--seeds", *map(str, seeds)])
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     import torch
@@ -108,10 +139,19 @@ def main(argv=None) -> dict:
         for seed in seeds:
             runs.append(run_one(cfg, bb, seed, a))
             print(f"{bb} seed {seed}: {runs[-1]['summary']}", flush=True)
-            done = len(runs) == len(backbones) * len(seeds)
+            mine = {(r["backbone"], r["seed"]) for r in runs}
+            every = runs + (earlier_runs(path, config_dict(cfg), mine) if a.append else [])
+            every.sort(key=lambda r: (backbones.index(r["backbone"]) if r["backbone"] in backbones else 99, r["seed"]))
+            if a.append:  # complete once every backbone in the file has three seeds; the command reproduces all
+                done = all(len({r["seed"] for r in every if r["backbone"] == b}) >= 3 for b in {r["backbone"] for r in every})
+                argv_all = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--append"]
+                cmd = _command_for(argv_all, sorted({r["seed"] for r in every}))
+            else:
+                done = len(runs) == len(backbones) * len(seeds)
+                cmd = "python benchmarks/bench_mpt.py " + " ".join(argv if argv is not None else sys.argv[1:])
             payload = {"benchmark": "mpt", "environment": environment(), "quick": a.quick, "config": config_dict(cfg),
-                       "command": "python benchmarks/bench_mpt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "complete": done, "by_backbone": aggregate(runs), "runs": runs}
+                       "command": cmd,
+                       "complete": done, "by_backbone": aggregate(every), "runs": every}
             write_json(path, payload)  # after every run: a stopped benchmark keeps what it measured
     print(f"wrote {path}")
     return payload
