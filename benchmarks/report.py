@@ -282,10 +282,10 @@ def _mpt_backbone(bb: str, agg: dict, rs: list[dict]) -> list[str]:
     return out
 
 
-def mpt_table(d: dict) -> list[str]:
-    """Multitask prompt tuning (`mpt.json`): per backbone and task, mean ± std over seeds."""
+def mpt_table(d: dict, name: str = "mpt") -> list[str]:
+    """Multitask prompt tuning (`mpt.json`, `mpt_smollm2.json`): per backbone and task, mean ± std over seeds."""
     c = d["config"]
-    out = [(f"**Multitask prompt tuning** (`mpt.json`; `{d['command']}`; config `configs/mpt-distil.yaml`: "
+    out = [(f"**Multitask prompt tuning** (`{name}.json`; `{d['command']}`: "
             f"{c['n_tokens']} virtual tokens, rank {c['rank']}, teachers ≤{c['teacher']['max_steps']}, student "
             f"≤{c['student']['max_steps']}, target ≤{c['target']['max_steps']} steps of {c['student']['batch_size']}, "
             f"target init `{c['target']['init']}`; test accuracy in percentage points, mean ± std over seeds"
@@ -377,8 +377,9 @@ def render() -> str:
         parts.append(conpet_inference_line(d))
     if (d := _load("memory")):
         parts.append(memory_table(d))
-    if (d := _load("mpt")):
-        parts.append(mpt_table(d))
+    for name in ("mpt", "mpt_smollm2"):  # the causal backbone's capped run has its own file
+        if (d := _load(name)):
+            parts.append(mpt_table(d, name))
     if (d := _load("adapt")):
         parts.append(adapt_table(d))
     if (d := _load("experts_minilm_lora")):

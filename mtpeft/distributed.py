@@ -114,6 +114,16 @@ def all_sum(values: list[int]) -> list[int]:
     return [int(v) for v in t.cpu().tolist()]
 
 
+def eval_shard() -> tuple[int, int] | None:
+    """(rank, world size) while a process group spans several ranks (after a distributed fit), else None:
+    what a sharded evaluation (``train.evaluate``, ``continual.evaluate.row``) takes as ``shard``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
 def _peer_failed(e: BaseException) -> bool:
     """A collective broke because a peer went away (gloo: the connection closed; NCCL: a backend error)."""
     import torch.distributed as dist

@@ -1,6 +1,7 @@
 """A continual run on two processes (Lightning DDP, gloo on CPU) gives the report of one process: every fit
 of every strategy on the same global batches (replay's too: new examples and replayed ones, each rank its
-slice), the replay memory the same on every rank, rank zero alone evaluating and writing. These tests start
+slice), the replay memory the same on every rank, the accuracy matrix sharded (each rank scores its share),
+rank zero alone writing. These tests start
 real processes (`python -m mtpeft continual --devices 2`)."""
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def test_two_processes_give_the_report_of_one(tmp_path):
     for s in ("seqft", "expert-oracle", "replay"):
         st1, st2 = (json.loads((tmp_path / d / "runs" / s / "seed0" / "state.json").read_text()) for d in ("one", "two"))
         assert [t["steps"] for t in st1["timings"]] == [t["steps"] for t in st2["timings"]] == [12, 12]
+        # the evaluation is sharded, not repeated: rank zero scored half of what one process scored (16 test
+        # examples a task, 8 each), and every cell was evaluated (seqft's change after every task)
+        n1, n2 = ([t["eval_examples"] for t in st["timings"]] for st in (st1, st2))
+        assert all(a > 0 and a == 2 * b for a, b in zip(n1, n2, strict=True)), (s, n1, n2)
         for a, b in zip(st1["matrix"]["R"], st2["matrix"]["R"], strict=True):
             assert all(abs(x - y) <= 1 / 16 + 1e-9 for x, y in zip(a, b, strict=True)), (s, a, b)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")  # rank zero wrote what one process writes

@@ -154,7 +154,7 @@ def add_parser(sub):
                         "a few steps on each input's memory neighbours, then the stored module back")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     g = p.add_argument_group("processes and nodes", "every fit on Lightning's DDP; every rank runs this same "
-                             "command, rank zero evaluates and writes (docs/scale-out.md)")
+                             "command, each rank evaluates its share, rank zero writes (docs/scale-out.md)")
     g.add_argument("--devices", type=int, default=1, metavar="N",
                    help="processes (CPU) or GPUs per node (default 1); batch_size stays the global batch")
     g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1)")

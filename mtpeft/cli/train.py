@@ -241,7 +241,9 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
         phase("train", name)
         m = fit_multitask(bank, scorer, tasks, name, args.module, config, cfg, sampling=args.sampling)
         phase("evaluate", name)
-        shard = _eval_shard()
+        from ..distributed import eval_shard
+
+        shard = eval_shard()
         for t in tasks:
             rows.append(dict(module=name, **evaluate(bank, scorer, t, name, shard=shard), steps=m["steps"]))
         per_task = {r["task"]: r["accuracy"] for r in rows}
@@ -260,7 +262,9 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
         phase("train", name)
         m = fit_expert(bank, scorer, t, name, args.module, config, cfg)
         phase("evaluate", name)
-        shard = _eval_shard()
+        from ..distributed import eval_shard
+
+        shard = eval_shard()
         res = evaluate(bank, scorer, t, name, shard=shard)
         bank.record(name).metrics.update({"test_acc": res["accuracy"], "test_n": res["n"]})
         new = [dict(module=name, **res, steps=m["steps"], train_seconds=m["train_seconds"])]
@@ -311,15 +315,6 @@ def _train_skills(args, bank, scorer, tasks, names, config, cfg, run) -> list[di
     save_skills(router, args.out, name)
     run.finished(names[0], rows)
     return rows
-
-
-def _eval_shard() -> tuple[int, int] | None:
-    """(rank, world size) while a process group spans several ranks (after a distributed fit), else None."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
 
 
 def add_parser(sub) -> None:

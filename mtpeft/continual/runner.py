@@ -52,9 +52,10 @@ class ContinualRun:
     """One run directory: ``run(strategies, seeds)`` trains and evaluates whatever is not finished yet.
 
     ``parallel`` (``mtpeft.distributed.Parallel``): every fit on several processes (Lightning DDP). Every
-    rank runs the same run; the others train alongside rank zero, which alone evaluates, holds the lock and
-    writes (run file, states, checkpoints, report). The replay memory is replicated: every rank inserts
-    the same examples with the same seeded policy, so every rank holds the same memory."""
+    rank runs the same run; every rank evaluates its share of each accuracy-matrix row (the counts summed
+    over the ranks), and rank zero alone holds the lock and writes (run file, states, checkpoints, report).
+    The replay memory is replicated: every rank inserts the same examples with the same seeded policy, so
+    every rank holds the same memory."""
 
     def __init__(self, conf: dict, out: str | Path, *, resume: bool = False, command: str = "",
                  progress: bool = True, log: Callable[[str], None] | None = None, parallel=None):
@@ -130,8 +131,8 @@ class ContinualRun:
             return write_report(self.out)
 
     def _follow(self, strategies: list[str], seeds: list[int]) -> dict:
-        """A rank other than zero: the same fits as rank zero, in the same order, writing and evaluating
-        nothing. Rank zero's ``_open`` decides what runs; this reads the same inputs (the saved run file
+        """A rank other than zero: the same fits and evaluations (its share) as rank zero, in the same order,
+        writing nothing. Rank zero's ``_open`` decides what runs; this reads the same inputs (the saved run file
         when resuming) and makes the same decision."""
         if self.resume and (self.out / "run.json").exists():
             saved = read_run(self.out)
@@ -143,7 +144,9 @@ class ContinualRun:
                          "baselines": {"majority": {t.name: t.majority_baseline("test") for t in stream.tasks}}}
         bar = _bar(0, False)
         for seed in seeds:
-            untrained = [float("nan")] * len(self.stream(seed))  # rank zero's to measure
+            # every rank holds the untrained row (the cells a later row may take from the cache must be the
+            # same on every rank); it is computed whole, before the first fit makes a process group
+            untrained = self.untrained(seed)
             for name in strategies:
                 self.run_one(name, seed, untrained, bar)
         return {}
@@ -164,8 +167,9 @@ class ContinualRun:
             return accs
         bank, scorer = self._fresh()
         accs = row(bank, scorer, stream, -1, lambda t: None, cache=cells)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"tasks": stream.names, "accuracies": accs})
+        if self.writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"tasks": stream.names, "accuracies": accs})
         return accs
 
     def _fresh(self, bank_dir: Path | None = None):
@@ -241,17 +245,19 @@ class ContinualRun:
         crash_point(f"continual {strategy.name} {task.name}: trained")
         strategy.after_task(step, task)
         train_s = time.perf_counter() - t0 - ctx.timings["memory_s"]
-        if not self.writer:  # rank zero evaluates
-            return {}
         t1 = time.perf_counter()
         def key_of(t):
             k = strategy.eval_key(step, t)
             return None if k is None else (strategy.name, k)
 
+        from ..distributed import eval_shard
+
+        scored: dict = {}  # every rank scores its share of the row's cells; one sum gives each the whole row
         matrix.add_row(row(ctx.bank, ctx.scorer, ctx.stream, step, lambda t: strategy.eval_router(step, t),
                            task_id=strategy.uses_task_id, key_of=key_of, cache=self._cells.setdefault(ctx.seed, {}),
-                           pooled=self._pooled.setdefault(ctx.seed, {})))
+                           pooled=self._pooled.setdefault(ctx.seed, {}), shard=eval_shard(), scored=scored))
         return {"task": task.name, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
+                "eval_examples": scored.get("examples", 0),
                 "memory_s": round(ctx.timings["memory_s"], 3), "steps": fit.get("steps"),
                 "best_val_acc": fit.get("best_val_acc"), **({"reused": True} if fit.get("reused") else {}),
                 **{k: round(v, 3) for k, v in ctx.timings.items() if k.startswith("local_adapt")}}
@@ -283,12 +289,15 @@ class ContinualRun:
         t0 = time.perf_counter()
         fit = strategy.train_stream() or {}
         train_s = time.perf_counter() - t0
-        if not self.writer:  # rank zero evaluates and writes
-            return
         t1 = time.perf_counter()
         last = len(stream) - 1
+        from ..distributed import eval_shard
+
+        shard = eval_shard()  # every rank scores its share of each task; the counts are summed
         accs = {t.name: task_accuracy(ctx.bank, ctx.scorer, t, strategy.eval_router(last, t),
-                                      stream.eval_space(last, t)) for t in stream.tasks}
+                                      stream.eval_space(last, t), shard=shard) for t in stream.tasks}
+        if not self.writer:  # rank zero writes
+            return
         timing = {"task": "joint", "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
                   "memory_s": 0.0, "steps": fit.get("steps"), "best_val_acc": fit.get("best_val_acc")}
         self._commit(strategy, folder, len(stream), matrix, [timing], len(stream), accuracies=accs)
