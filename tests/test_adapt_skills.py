@@ -236,6 +236,7 @@ def test_cli_adapts_a_saved_skills_bank(capsys, tmp_path):
     save_skills(r, path, "sk", heatmap=False)
     target = task_csv(tmp_path / "target.csv", synthetic_task("target", n=64, seed=5))
     manifest = (path / "manifest.json").read_bytes()
+    routing = {f.name: f.read_bytes() for f in (path / "routers" / "sk").iterdir()}
     rc, o, e = run(capsys, "adapt", "--bank", path, "--task-file", f"target={target}", "--shots", "2", "--methods",
                    ",".join(METHODS), "--max-steps", "2", "--router-lr", "0.05", "--json")
     assert rc == 0, e
@@ -248,6 +249,7 @@ def test_cli_adapts_a_saved_skills_bank(capsys, tmp_path):
     assert rc == 0, e
     kept = {m["name"]: m for m in read_manifest(path)["modules"]}["target.adapt.k2.s0.mhr-z"]
     assert kept["task"] == "target" and kept["type"] == "lora" and kept["metadata"]["adapt"] == "mhr-z"
+    assert {f.name: f.read_bytes() for f in (path / "routers" / "sk").iterdir()} == routing  # the stored routing
     rc, _, e = run(capsys, "adapt", "--bank", path, "--task-file", f"target={target}", "--shots", "2", "--methods",
                    "mhr-z", "--skills-name", "nope")
     assert rc == 2 and "no skills router 'nope'" in e
