@@ -6,10 +6,11 @@ Into ``benchmarks/work/adapt/`` (git-ignored, resumable: experts, Fisher embeddi
 one LoRA expert per task of ``experts`` (seed ``expert_seed``) with its Fisher embedding, and, where the config has
 a ``skills:`` block (needed by the methods poly, mhr-z and mhr-mu), one Poly/MHR skill inventory trained on the
 mixture of the same tasks into the same bank (``BANK/routers/skills/``; skills name no task, so they are never
-source experts), then for each target task `mtpeft adapt`'s loop (``mtpeft.adapt.run_adapt``): every method at every shot count and seed, scored on the
-whole test split. Writes ``benchmarks/results/adapt.json``: per target and overall, method x shots mean and std over
-seeds, parameters trained per method, the zero-shot and majority baselines, the Fisher similarity of the experts to
-each target, the issue's checks (pi-tuning and lorahub beat scratch at 16 and 64 shots) and the command.
+source experts), then for each target task `mtpeft adapt`'s loop (``mtpeft.adapt.run_adapt``): every method at
+every shot count and seed, scored on the whole test split. Writes ``benchmarks/results/adapt.json``: per target and
+overall, method x shots mean and std over seeds, parameters trained per method, the zero-shot and majority
+baselines, the Fisher similarity of the experts to each target, the issue's checks (pi-tuning, lorahub and mhr-z
+beat scratch at 16 and 64 shots) and the command.
 
 ``--quick``: a smoke run on the tiny random BERT with synthetic tasks, one seed, a few examples and steps.
 """
