@@ -3,11 +3,14 @@
     python benchmarks/bench_adapt.py --config configs/adapt-fewshot.yaml [--targets T ...] [--seeds 0 1 2]
 
 Into ``benchmarks/work/adapt/`` (git-ignored, resumable: experts, Fisher embeddings and finished runs are kept):
-one LoRA expert per task of ``experts`` (seed ``expert_seed``) with its Fisher embedding, then for each target
-task `mtpeft adapt`'s loop (``mtpeft.adapt.run_adapt``): every method at every shot count and seed, scored on the
-whole test split. Writes ``benchmarks/results/adapt.json``: per target and overall, method x shots mean and std over
-seeds, parameters trained per method, the zero-shot and majority baselines, the Fisher similarity of the experts to
-each target, the issue's checks (pi-tuning and lorahub beat scratch at 16 and 64 shots) and the command.
+one LoRA expert per task of ``experts`` (seed ``expert_seed``) with its Fisher embedding, and, where the config has
+a ``skills:`` block (needed by the methods poly, mhr-z and mhr-mu), one Poly/MHR skill inventory trained on the
+mixture of the same tasks into the same bank (``BANK/routers/skills/``; skills name no task, so they are never
+source experts), then for each target task `mtpeft adapt`'s loop (``mtpeft.adapt.run_adapt``): every method at
+every shot count and seed, scored on the whole test split. Writes ``benchmarks/results/adapt.json``: per target and
+overall, method x shots mean and std over seeds, parameters trained per method, the zero-shot and majority
+baselines, the Fisher similarity of the experts to each target, the issue's checks (pi-tuning, lorahub and mhr-z
+beat scratch at 16 and 64 shots) and the command.
 
 ``--quick``: a smoke run on the tiny random BERT with synthetic tasks, one seed, a few examples and steps.
 """
@@ -62,9 +65,28 @@ def synthetic(name: str, seed: int, labels=("red", "blue"), n: int = 48):
 QUICK = {"backbone": "tiny-bert", "module": "lora", "options": {"r": 4, "alpha": 8, "dropout": 0.0},
          "experts": ["quick_src", "quick_flip"], "heldout": ["quick_target"], "expert_seed": 0, "lr": 0.03,
          "batch_size": 16, "max_steps": 20, "val_every": 10, "patience": 3, "threads": 1, "seeds": [0],
-         "shots": [2, 4], "methods": ["scratch", "best-source", "lorahub", "pi-tuning"],
+         "shots": [2, 4], "methods": ["scratch", "best-source", "lorahub", "pi-tuning", "poly", "mhr-z", "mhr-mu"],
+         "skills": {"router": "mhr", "skills": 2, "splits": 2, "max_steps": 10, "router_lr": 0.1},
          "adapt": {"steps": 3, "lr": 0.02, "batch_size": 8, "lorahub_evals": 5, "top_k": 2, "interp_steps": 2,
                    "probe_steps": 2, "fisher_batches": 2}}
+SKILLS = "skills"  # the inventory's name in the bank
+SKILL_KEYS = {"router", "skills", "splits", "max_steps", "router_lr"}
+
+
+def skills_conf(conf: dict) -> dict | None:
+    """The config's ``skills:`` block, checked; None where no method adapts skills. A method that needs skills
+    without the block is refused before anything trains."""
+    from mtpeft.adapt import get_method
+    from mtpeft.errors import MtpeftError
+
+    needs = [m for m in conf["methods"] if get_method(m).needs_skills]
+    if not needs:
+        return None
+    sk = conf.get("skills")
+    if not isinstance(sk, dict) or set(sk) - SKILL_KEYS or not {"router", "skills", "max_steps"} <= set(sk):
+        raise MtpeftError(f"methods {needs} adapt a skill inventory: give the config a `skills:` block with router "
+                          f"(poly|mhr), skills, max_steps and optionally splits and router_lr (got {sk!r})")
+    return sk
 
 
 def load_task(name: str, conf: dict, quick: bool, expert: bool):
@@ -102,6 +124,7 @@ def build_bank(conf: dict, work: Path, quick: bool):
                       patience=conf["patience"], val_check_interval=conf["val_every"], seed=conf["expert_seed"],
                       progress=False)
     budget = Budget.from_dict(conf["adapt"])
+    tasks = {}
     for t in conf["experts"]:
         name = f"{t}-{conf['module']}"
         task = None
@@ -116,7 +139,34 @@ def build_bank(conf: dict, work: Path, quick: bool):
             store_fisher(bank, scorer, task, name, batch_size=budget.batch_size, max_batches=budget.fisher_batches,
                          seed=conf["expert_seed"])
             bank.save(path, only=[name])
-    return bank, scorer, path
+        if task is not None:
+            tasks[t] = task
+    skills = build_skills(conf, bank, scorer, path, options, cfg, tasks, quick)
+    return bank, scorer, path, skills
+
+
+def build_skills(conf: dict, bank, scorer, path: Path, options, cfg, tasks: dict, quick: bool):
+    """The skill inventory on the mixture of the expert tasks (``skills:``; trained once, saved with the bank and
+    its router), or None where no method adapts skills."""
+    import dataclasses
+
+    from mtpeft.skills import fit_skills, load_skills, save_skills, saved_skills
+
+    sk = skills_conf(conf)
+    if sk is None:
+        return None
+    if SKILLS in saved_skills(path):
+        return load_skills(bank, path, SKILLS)
+    mix = [tasks.get(t) or load_task(t, conf, quick, expert=True) for t in conf["experts"]]
+    t0 = time.perf_counter()
+    router, m = fit_skills(bank, scorer, mix, sk["router"], sk["skills"], sk.get("splits"), conf["module"], options,
+                           dataclasses.replace(cfg, max_steps=sk["max_steps"]), router_lr=sk.get("router_lr", 0.1),
+                           name=SKILLS)
+    bank.save(path, only=list(router.module_names))
+    save_skills(router, path, SKILLS)
+    print(f"{sk['router']} skills ({sk['skills']}) trained in {time.perf_counter() - t0:.0f} s (best val "
+          f"{m['best_val_acc']})", flush=True)
+    return router
 
 
 def _stat(xs) -> dict:
@@ -182,14 +232,15 @@ def main(argv=None) -> dict:
     from mtpeft.io import read_config, write_json
 
     conf = dict(QUICK) if a.quick else read_config(a.config, what="benchmark config")
-    check_methods(conf["methods"])  # an unknown method or a bad budget fails before anything trains
+    check_methods(conf["methods"])  # an unknown method, a bad budget or a missing skills block fails before training
     Budget.from_dict(conf["adapt"])
+    skills_conf(conf)
     for key, v in (("heldout", a.targets), ("seeds", a.seeds), ("shots", a.shots)):
         if v is not None:
             conf[key] = v
     work = Path(a.work) / ("quick" if a.quick else "")
     t0 = time.perf_counter()
-    bank, scorer, _ = build_bank(conf, work, a.quick)
+    bank, scorer, _, skills = build_bank(conf, work, a.quick)
     budget = Budget.from_dict(conf["adapt"])
     reports = {}
     path = Path(a.out) if a.out else RESULTS / "adapt.json"
@@ -198,7 +249,8 @@ def main(argv=None) -> dict:
     for t in conf["heldout"]:
         task = load_task(t, conf, a.quick, expert=False)
         reports[t] = run_adapt(bank, scorer, task, conf["shots"], conf["methods"], conf["seeds"], budget,
-                               out=work / "reports" / t, log=lambda msg, t=t: print(f"{t}: {msg}", flush=True))
+                               out=work / "reports" / t, log=lambda msg, t=t: print(f"{t}: {msg}", flush=True),
+                               skills=skills)
         payload = {"benchmark": "adapt", "environment": environment(), "quick": a.quick, "config": conf,
                    "reproduce": command, "complete": len(reports) == len(conf["heldout"]),
                    "seconds": round(time.perf_counter() - t0, 1), **summarise(reports, conf)}

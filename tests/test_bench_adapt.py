@@ -14,9 +14,15 @@ def test_quick_run_writes_the_table(tmp_path, monkeypatch):
     d = bench.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["complete"] and saved["quick"] and saved["reproduce"].startswith("python benchmarks/bench_adapt.py")
-    methods, shots = ["scratch", "best-source", "lorahub", "pi-tuning"], [2, 4]
+    methods, shots = ["scratch", "best-source", "lorahub", "pi-tuning", "poly", "mhr-z", "mhr-mu"], [2, 4]
     assert set(saved["overall"]) == {f"{m}@{k}" for m in methods for k in shots}
     assert saved["overall"]["lorahub@2"]["trainable"] == {"quick_target": 2}  # one weight per expert
+    # the skills (2 MHR skills, 2 splits, r 4 on 4 sites) live in the same bank: never source experts
+    assert saved["per_target"]["quick_target"]["experts"] == ["quick_src-lora", "quick_flip-lora"]
+    assert saved["overall"]["mhr-z@2"]["trainable"] == {"quick_target": 4 * 2 * 2}  # the routing row
+    assert saved["overall"]["mhr-mu@2"]["trainable"] == {"quick_target": 1024}  # one r-4 LoRA
+    assert saved["overall"]["poly@2"]["trainable"] == {"quick_target": 16 + 2 * 1024}
+    assert (tmp_path / "work" / "quick" / "bank" / "routers" / "skills" / "router.json").is_file()
     assert saved["overall"]["scratch@4"]["n"] == 1
     assert set(saved["baselines"]) == {"zero_shot", "majority"}
     S = saved["per_target"]["quick_target"]["similarity"]["k2-seed0"]["matrix"]

@@ -7,6 +7,7 @@ from .methods import (
            AdaptMethod,
            AdaptResult,
            Budget,
+           SkillsMethod,
            get_method,
            method_names,
            register_method,
@@ -14,6 +15,6 @@ from .methods import (
 from .run import run_adapt, source_experts
 from .shots import check_shots, sample_shots
 
-__all__ = ["ADAPT_METHODS", "AdaptContext", "AdaptMethod", "AdaptResult", "Budget", "check_shots",
+__all__ = ["ADAPT_METHODS", "AdaptContext", "AdaptMethod", "AdaptResult", "Budget", "SkillsMethod", "check_shots",
            "fisher_embedding", "get_method", "method_names", "register_method", "run_adapt", "sample_shots",
            "similarity_matrix", "source_experts", "store_fisher", "stored_fisher"]

@@ -73,6 +73,26 @@ def source_experts(bank, target: str, names: Sequence[str] | None = None, requir
     return out
 
 
+def check_skills(bank, skills, target: str):
+    """The skills' router for the methods that adapt skills (poly, mhr-z, mhr-mu): given, bound to ``bank``, and
+    not trained on the target task."""
+    from ..routers.poly import PolyRouter
+
+    if skills is None:
+        raise MtpeftError("poly, mhr-z and mhr-mu adapt the bank's skills and need their routing: in Python "
+                          "run_adapt(..., skills=mtpeft.skills.load_skills(bank, BANK, NAME)); `mtpeft adapt` reads it "
+                          "from BANK/routers/NAME/ (none there: train the skills again with `mtpeft train --router "
+                          "poly|mhr --skills N --multitask ... --out BANK`)")
+    if not isinstance(skills, PolyRouter):
+        raise MtpeftError(f"skills= takes the skills' router (a PolyRouter, mtpeft.skills.load_skills), got "
+                          f"{type(skills).__name__}")
+    skills.check_bank(bank)
+    if target in skills.tasks:
+        raise MtpeftError(f"the skills {skills.module_names[0]}.. were trained on the target task {target!r}; few-shot "
+                          "transfer adapts them to a task they did not see: train skills without it")
+    return skills.eval()
+
+
 def expert_fisher(bank, scorer, experts: list[str], tasks: dict, budget: Budget, seed: int = 0,
                   log: Callable[[str], None] = print) -> tuple[dict, list[str]]:
     """Every expert's Fisher embedding: the stored ``fisher`` artifact, else computed on its task's data (``tasks``
@@ -140,9 +160,15 @@ def summarise(runs: list[dict], methods: list[str], shots: list[int]) -> list[di
     return rows
 
 
-def _key(task, experts, methods, shots, seeds, budget, max_examples) -> dict:
-    return {"task": task.name, "experts": experts, "budget": dataclasses.asdict(budget), "max_examples": max_examples,
-            "test_n": len(task.splits["test"])}
+def _key(task, experts, methods, shots, seeds, budget, max_examples, skills=None) -> dict:
+    b = dataclasses.asdict(budget)
+    key = {"task": task.name, "experts": experts, "budget": b, "max_examples": max_examples,
+           "test_n": len(task.splits["test"])}
+    if skills is None:  # the skills' settings only where a method uses them: older reports still resume
+        b.pop("router_lr")
+    else:
+        key["skills"] = list(skills.module_names)
+    return key
 
 
 def _resume(out: Path | None, key: dict) -> dict | None:
@@ -162,10 +188,11 @@ def _resume(out: Path | None, key: dict) -> dict | None:
 def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | None = None, *,
               experts: Sequence[str] | None = None, source_tasks: dict | None = None, out: str | Path | None = None,
               keep: bool = False, max_examples: int | None = None, log: Callable[[str], None] | None = None,
-              save: Callable[[list[str]], None] | None = None) -> dict:
+              save: Callable[[list[str]], None] | None = None, skills=None) -> dict:
     """Few-shot transfer of the bank's experts to ``task`` (see the module doc). ``source_tasks``: the experts'
     task data by name where not built in (for their Fisher embeddings). ``save(names)``: called after each kept
-    module and after computing expert embeddings when ``keep`` (writes the bank)."""
+    module and after computing expert embeddings when ``keep`` (writes the bank). ``skills``: the router of the
+    bank's skills (``mtpeft.skills.load_skills``), for poly, mhr-z and mhr-mu; left as it was."""
     from ..io import write_json
     from ..train import evaluate
 
@@ -179,8 +206,9 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
     experts = source_experts(bank, task.name, experts, required=any(i.needs_experts for i in impls.values()))
     for impl in impls.values():
         impl.check(bank, experts)
+    skills = check_skills(bank, skills, task.name) if any(i.needs_skills for i in impls.values()) else None
     out = Path(out) if out is not None else None
-    key = _key(task, experts, methods, shots, seeds, budget, max_examples)
+    key = _key(task, experts, methods, shots, seeds, budget, max_examples, skills)
     old = _resume(out, key)
     embs, computed = {}, []
     if any(i.uses_similarity for i in impls.values()):
@@ -225,7 +253,7 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
                 if name in bank:
                     raise MtpeftError(f"the bank already holds a module {name!r} (kept by an earlier run); remove it "
                                       f"(`mtpeft bank rm BANK {name}`) or adapt into another bank")
-                ctx = AdaptContext(bank, scorer, few, experts, seed, budget, name, similarity, log)
+                ctx = AdaptContext(bank, scorer, few, experts, seed, budget, name, similarity, log, skills)
                 t0 = time.perf_counter()
                 try:
                     res = impls[m].run(ctx)

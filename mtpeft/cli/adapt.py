@@ -40,7 +40,7 @@ def _budget(args):
           "lorahub_evals": args.lorahub_evals, "top_k": args.top_k, "fisher_batches": args.fisher_batches,
           "probe_steps": args.probe_steps if cap is None else min(args.probe_steps, cap),
           "interp_steps": args.interp_steps if cap is None else min(args.interp_steps, cap),
-          "progress": not args.json}
+          "router_lr": args.router_lr, "progress": not args.json}
     return Budget(**kw)
 
 
@@ -53,6 +53,23 @@ def _one_task(args, specs: list[str]):
     return load_task(specs[0], max_examples=args.max_examples, seed=0, **_file_options(args))
 
 
+def _skills_router(args, bank, methods: list[str]):
+    """The router of the bank's skills for the methods that adapt skills: ``--skills-name``, else the bank's only
+    saved skills router; None where no method needs it or none is saved (run_adapt then names the fix)."""
+    from ..adapt import get_method
+    from ..skills import load_skills, saved_skills
+
+    if not any(get_method(m).needs_skills for m in methods):
+        return None
+    if args.skills_name:
+        return load_skills(bank, args.bank, args.skills_name)
+    names = saved_skills(args.bank)
+    if len(names) > 1:
+        raise MtpeftError(f"{args.bank} holds several skill inventories ({', '.join(names)}); choose one with "
+                          "--skills-name NAME")
+    return load_skills(bank, args.bank, names[0]) if names else None
+
+
 def cmd_adapt(args):
     from ..adapt.run import check_methods
     from ..adapt.shots import check_shots
@@ -61,7 +78,7 @@ def cmd_adapt(args):
     methods = check_methods(args.methods)
     seeds = _ints(args.seeds, "--seeds")
     _positive(args, "--max-steps", "--max-examples", "--steps", "--lr", "--batch-size", "--lorahub-evals", "--top-k",
-              "--probe-steps", "--fisher-batches")
+              "--probe-steps", "--fisher-batches", "--router-lr")
     if args.interp_steps < 0:
         raise MtpeftError(f"--interp-steps {args.interp_steps} is out of range; give an integer >= 0")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -84,8 +101,10 @@ def cmd_adapt(args):
     with locked(args.bank) if args.keep else contextlib.nullcontext():
         bank, scorer = open_bank(args.bank)
         save = (lambda names: bank.save(args.bank, only=list(names))) if args.keep else None
+        skills = _skills_router(args, bank, methods)
         report = run_adapt(bank, scorer, task, shots, methods, seeds, budget, experts=experts, source_tasks=sources,
-                           out=args.out, keep=args.keep, max_examples=args.max_examples, log=log, save=save)
+                           out=args.out, keep=args.keep, max_examples=args.max_examples, log=log, save=save,
+                           skills=skills)
     report["bank"] = str(args.bank)
     rows = table_rows(report)
     emit(args, report, rows, ["method", "params", *[f"{k} shots" for k in report["shots"]]],
@@ -179,7 +198,8 @@ def add_parser(sub) -> None:
     _task_args(s, multiple=False)
     s.add_argument("--shots", default="16,64,256", help="examples per class, comma-separated (default 16,64,256)")
     s.add_argument("--methods", default="scratch,best-source,lorahub,pi-tuning",
-                   help="comma-separated (default scratch,best-source,lorahub,pi-tuning)")
+                   help="comma-separated (default scratch,best-source,lorahub,pi-tuning; on a bank with skills also "
+                   "poly, mhr-z, mhr-mu)")
     s.add_argument("--seeds", default="0", help="comma-separated seeds of the shot draws and the fits (default 0)")
     s.add_argument("--experts", default=None, metavar="A,B,...",
                    help="the source experts (default: every LoRA expert of the bank trained on another task)")
@@ -195,6 +215,11 @@ def add_parser(sub) -> None:
     s.add_argument("--top-k", type=int, default=3, help="experts pi-tuning interpolates (default 3)")
     s.add_argument("--interp-steps", type=int, default=30,
                    help="steps training pi-tuning's interpolation weights before the fine-tune (default 30)")
+    s.add_argument("--skills-name", default=None, metavar="NAME",
+                   help="poly, mhr-z, mhr-mu: the skill inventory to adapt (its --name at training; default: the "
+                   "bank's only one)")
+    s.add_argument("--router-lr", type=float, default=0.1,
+                   help="poly, mhr-z: learning rate of the new routing row (default 0.1; the skills use --lr)")
     s.add_argument("--probe-steps", type=int, default=20,
                    help="steps of the target's probe LoRA before its Fisher embedding (default 20)")
     s.add_argument("--fisher-batches", type=int, default=32,

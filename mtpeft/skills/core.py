@@ -124,19 +124,32 @@ def load_skills(bank, bank_path: str | Path, name: str) -> PolyRouter:
     return router.to(bank.device).eval()
 
 
-def skills_for_task(bank_path: str | Path, task: str) -> str | None:
-    """The name of a skills router saved in the bank that routes ``task`` (the last by name), else None."""
+def _saved_routers(bank_path: str | Path) -> list[tuple[str, dict]]:
+    """``(name, config)`` of each skills (poly) router saved in ``BANK/routers/``, by name."""
     from ..io import read_json
 
     root = Path(bank_path) / ROUTERS_DIR
     if not root.is_dir():
-        return None
-    found = None
+        return []
+    out = []
     for d in sorted(p for p in root.iterdir() if (p / "router.json").is_file()):
         meta = read_json(d / "router.json", what="router config")
-        cfg = meta.get("config") if isinstance(meta, dict) and meta.get("name") == "poly" else None
-        if isinstance(cfg, dict) and task in (cfg.get("tasks") or []):
-            found = d.name
+        if isinstance(meta, dict) and meta.get("name") == "poly":
+            out.append((d.name, meta.get("config") if isinstance(meta.get("config"), dict) else {}))
+    return out
+
+
+def saved_skills(bank_path: str | Path) -> list[str]:
+    """The names of the skills routers saved with the bank (``BANK/routers/NAME/``), sorted."""
+    return [name for name, _ in _saved_routers(bank_path)]
+
+
+def skills_for_task(bank_path: str | Path, task: str) -> str | None:
+    """The name of a skills router saved in the bank that routes ``task`` (the last by name), else None."""
+    found = None
+    for name, cfg in _saved_routers(bank_path):
+        if task in (cfg.get("tasks") or []):
+            found = name
     return found
 
 
@@ -191,9 +204,11 @@ def add_task_row(bank, router: PolyRouter, task: str) -> int:
 
 
 @torch.no_grad()
-def average_skills(bank, router_or_skills, name: str, task: str | None = None, trainable: bool = True) -> int:
+def average_skills(bank, router_or_skills, name: str, task: str | None = None, trainable: bool = True,
+                   metadata: dict | None = None) -> int:
     """MHR-mu: a new plain module ``name`` of the skills' type and config whose parameters are the mean of the
-    skills' (``A_mu = mean_s A_s``, ``B_mu = mean_s B_s``), ready to fine-tune. Returns its id."""
+    skills' (``A_mu = mean_s A_s``, ``B_mu = mean_s B_s``), ready to fine-tune. ``metadata`` is added to the
+    module's (which names the skills averaged). Returns its id."""
     skills = list(router_or_skills.module_names if isinstance(router_or_skills, PolyRouter) else router_or_skills)
     if not skills:
         raise MtpeftError("average_skills needs at least one skill module")
@@ -204,4 +219,65 @@ def average_skills(bank, router_or_skills, name: str, task: str | None = None, t
         raise MtpeftError(f"the skills {skills} do not share one config; average modules of one group")
     mean = {k: torch.stack([p[k].detach() for p in params]).mean(0) for k in keys}
     return bank.add_from(name, rec.type, dict(rec.config), mean, task=task, trainable=trainable,
-                         metadata={"average_of": skills})
+                         metadata={"average_of": skills, **(metadata or {})})
+
+
+def task_router(router: PolyRouter, task: str, skills: Sequence[str] | None = None, seed: int = 0) -> PolyRouter:
+    """A router with ONE fresh routing row, for ``task`` (U(-1e-3, 1e-3), ``seed``), over ``skills`` (default the
+    router's; e.g. copies of them) at the router's sites and splits: what the reference does to fine-tune on a new
+    task (mttl's ``resize_module_logits(1)``). ``router`` itself is left as it was (unlike ``add_task_row``), so
+    the other tasks keep their routing and several adaptations never collide."""
+    skills = list(router.module_names if skills is None else skills)
+    if len(skills) != router.n_skills:
+        raise MtpeftError(f"a routing row over {router.n_skills} skills cannot route {len(skills)} modules; give "
+                          f"one module per skill of {router.module_names}")
+    return PolyRouter(skills, [task], router.sites, n_splits=router.n_splits, seed=seed)
+
+
+@torch.no_grad()
+def compose_task(bank, router: PolyRouter, task: str, name: str, *, for_task: str | None = None,
+                 metadata: dict | None = None, trainable: bool = False) -> int:
+    """The module ``task`` gets from the skills at evaluation, added as ONE plain module ``name`` of the skills'
+    type and config: at each site ``A_t = sum_s w_s A_s`` and ``B_t = sum_s w_s B_s`` with ``w`` the router's
+    evaluation weights for ``task`` at that site (for MHR, split ``j``'s weights mix column block ``j`` of ``A``
+    and row block ``j`` of ``B``), exactly what ``LowRankStack.per_task`` mixes. Running ``name`` alone equals
+    routing ``task`` through ``router`` (tested). ``for_task``: the module's task (default ``task``)."""
+    skills = router.module_names
+    rows = router.task_rows([task])
+    params = [bank.module_parameters(s) for s in skills]
+    was = router.training
+    router.eval()
+    try:
+        tensors = {}
+        for site, stack in bank.stacks_of(skills[0]):
+            w = router.weights(rows, site)[0].float()  # [n, S]: the normalised sigmoid of the task's logits
+            n = w.shape[0]
+            kd, ku = f"{site}.{stack.down_name}", f"{site}.{stack.up_name}"
+            down = torch.stack([p[kd].detach().float() for p in params])  # [S, r, d_in]
+            up = torch.stack([p[ku].detach().float() for p in params])  # [S, d_out, r]
+            S, r, d_in = down.shape
+            d_out = up.shape[1]
+            w = w.to(down.device)
+            mixed_down = torch.einsum("ns,srnd->rnd", w, down.view(S, r, n, d_in // n)).reshape(r, d_in)
+            mixed_up = torch.einsum("ns,snor->nor", w, up.view(S, n, d_out // n, r)).reshape(d_out, r)
+            tensors[kd], tensors[ku] = mixed_down.to(params[0][kd].dtype), mixed_up.to(params[0][ku].dtype)
+    finally:
+        router.train(was)
+    other = set(params[0]) - set(tensors)
+    if other:
+        raise MtpeftError(f"the skills have parameters {sorted(other)[:3]} that a routing cannot mix; skills of a "
+                          "low-rank type (lora, a bottleneck adapter) compose")
+    rec = bank.record(skills[0])
+    return bank.add_from(name, rec.type, dict(rec.config), tensors, task=for_task or task, trainable=trainable,
+                         metadata={"composed_from": list(skills), **(metadata or {})})
+
+
+def inventories(bank) -> dict[str, list[str]]:
+    """The bank's skill inventories: ``{name: [skill modules]}`` (modules added by ``add_skills``)."""
+    out: dict[str, list[str]] = {}
+    for r in bank.records:
+        inv = r.metadata.get("skill_of") if isinstance(r.metadata, dict) else None
+        if isinstance(inv, str):
+            out.setdefault(inv, []).append(r.name)
+    return out
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import ADAPT_METHODS, AdaptContext, AdaptMethod, AdaptResult, Budget, register_method
+from .base import ADAPT_METHODS, AdaptContext, AdaptMethod, AdaptResult, Budget, SkillsMethod, register_method
 
 _loaded = False
 
@@ -32,5 +32,5 @@ def get_method(name: str) -> AdaptMethod:
     return ADAPT_METHODS.get(name)()
 
 
-__all__ = ["ADAPT_METHODS", "AdaptContext", "AdaptMethod", "AdaptResult", "Budget", "get_method", "method_names",
-           "register_method"]
+__all__ = ["ADAPT_METHODS", "AdaptContext", "AdaptMethod", "AdaptResult", "Budget", "SkillsMethod", "get_method",
+           "method_names", "register_method"]

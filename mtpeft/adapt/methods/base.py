@@ -4,7 +4,8 @@ A method is a class registered by name (``@register_method("scratch")``) in one 
 gets an ``AdaptContext`` (the bank, the scorer, the few-shot task, the source experts, the seed, the budget) and
 adds ONE module to the bank (named ``ctx.module_name``), trained or composed for the few-shot task; it returns an
 ``AdaptResult`` naming that module and counting the parameters it trained. ``check(bank, experts)`` refuses, before
-anything runs, a bank the method cannot use (e.g. no skills for Poly).
+anything runs, a bank the method cannot use (e.g. no skills for Poly). Methods that adapt the bank's skills (Poly,
+MHR) derive from ``SkillsMethod`` and find the skills' router in ``ctx.skills``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Budget:
     interp_steps: int = 30  # pi-tuning: steps training the interpolation logits (experts frozen)
     interp_lr: float = 5e-2
     interp_joint: bool = True  # pi-tuning: copies of the experts train with the logits (False: the logits alone)
+    router_lr: float = 0.1  # poly, mhr-z: the new routing row's learning rate (the skills train at lr), as mttl
     probe_steps: int = 20  # the target's probe LoRA, trained before its Fisher embedding
     fisher_batches: int = 32  # batches of each expert's task data in its Fisher embedding
     progress: bool = False
@@ -53,7 +55,7 @@ class Budget:
             raise MtpeftError(f"interp_steps must be an integer >= 0, got {self.interp_steps!r}")
         if not isinstance(self.interp_joint, bool):
             raise MtpeftError(f"interp_joint must be true or false, got {self.interp_joint!r}")
-        for k in ("lr", "interp_lr", "lorahub_bound"):
+        for k in ("lr", "interp_lr", "router_lr", "lorahub_bound"):
             if not getattr(self, k) > 0:
                 raise MtpeftError(f"{k} must be > 0, got {getattr(self, k)!r}")
         if not self.lorahub_l1 >= 0:
@@ -93,6 +95,7 @@ class AdaptContext:
     module_name: str  # the name the method's module takes
     similarity: Callable[[], dict] | None = None  # pi-tuning's Fisher similarity (computed once, shared)
     log: Callable[[str], None] = lambda msg: None
+    skills: Any = None  # the skills' router (a PolyRouter) for the methods that adapt skills; else None
 
     @property
     def expert_type(self) -> str:
@@ -109,12 +112,30 @@ class AdaptMethod:
     name: ClassVar[str] = ""
     uses_similarity: ClassVar[bool] = False  # needs the Fisher embeddings of the experts and of the target
     needs_experts: ClassVar[bool] = True  # False: runs on a bank without source experts (scratch; skills methods)
+    needs_skills: ClassVar[bool] = False  # True: adapts the bank's skills, whose router is ctx.skills
 
     def check(self, bank, experts: list[str]) -> None:
         """Refuse a bank this method cannot use (raise MtpeftError naming the fix); default: anything goes."""
 
     def run(self, ctx: AdaptContext) -> AdaptResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+TRAIN_SKILLS = ("train a skill inventory into the bank first: `mtpeft train --router poly|mhr --skills N --multitask "
+                "--task A --task B ... --out BANK`")
+
+
+class SkillsMethod(AdaptMethod):
+    """A method on the bank's skills (Poly/MHR): needs no source experts; refuses a bank without skills."""
+
+    needs_experts = False
+    needs_skills = True
+
+    def check(self, bank, experts):
+        from ...skills import inventories
+
+        if not inventories(bank):
+            raise MtpeftError(f"{self.name} adapts the bank's skills (Poly/MHR) and this bank has none; {TRAIN_SKILLS}")
 
 
 def count_trainable(bank, name: str) -> int:
