@@ -1,4 +1,5 @@
-"""Skills shared across tasks (Poly, MHR) and what few-shot transfer builds on them (MHR-z, MHR-mu, LoraHub)."""
+"""Skills shared across tasks (Poly, MHR) and what few-shot transfer builds on them (MHR-z, MHR-mu, LoraHub,
+AdapterFusion)."""
 from .core import (
     ROUTER_KINDS,
     add_skills,
@@ -14,8 +15,10 @@ from .core import (
     skill_names,
     skills_for_task,
 )
+from .fusion import add_fusion, evaluate_fusion, fit_fusion, load_fusion, save_fusion
 from .lorahub import compose, few_shot_loss, lorahub, optimise_weights
 
-__all__ = ["ROUTER_KINDS", "add_skills", "add_task_row", "average_skills", "check_kind", "compose", "evaluate_skills",
-           "few_shot_loss", "fit_skills", "load_skills", "lorahub", "optimise_weights", "plot_routing", "router_dir",
-           "save_skills", "skill_names", "skills_for_task"]
+__all__ = ["ROUTER_KINDS", "add_fusion", "add_skills", "add_task_row", "average_skills", "check_kind", "compose",
+           "evaluate_fusion", "evaluate_skills", "few_shot_loss", "fit_fusion", "fit_skills", "load_fusion",
+           "load_skills", "lorahub", "optimise_weights", "plot_routing", "router_dir", "save_fusion", "save_skills",
+           "skill_names", "skills_for_task"]
