@@ -58,17 +58,23 @@ def source_experts(bank, target: str, names: Sequence[str] | None = None, requir
             raise MtpeftError(f"expert(s) {own} were trained on the target task {target!r}; few-shot transfer uses "
                               "experts of other tasks: leave them out of --experts")
         return names
-    out = [r.name for r in bank.records if r.task and r.task != target and r.type == "lora" and not r.merged
-           and "adapt" not in r.metadata and "merged_from" not in r.metadata]
+    from ..routers.fusion import ADAPTER_TYPES
+
+    def of(types):
+        return [r.name for r in bank.records if r.task and r.task != target and r.type in types and not r.merged
+                and "adapt" not in r.metadata and "merged_from" not in r.metadata]
+
+    out = of(("lora",)) or of(ADAPTER_TYPES)  # LoRA experts; a bank of adapters alone: its adapters (fusion)
     if not out and not required:
         return out
     if not out:
         have = ", ".join(f"{r.name} ({r.type}, task {r.task})" for r in bank.records) or "no modules"
-        raise MtpeftError(f"the bank has no source experts for {target!r} (LoRA modules trained on other tasks; it "
-                          f"has {have}); train some first: `mtpeft train --module lora --task T --out BANK`")
+        raise MtpeftError(f"the bank has no source experts for {target!r} (LoRA modules, or else bottleneck adapters, "
+                          f"trained on other tasks; it has {have}); train some first: `mtpeft train --module lora "
+                          "--task T --out BANK`")
     groups = {bank.group_of(n).key for n in out}
     if len(groups) > 1:
-        raise MtpeftError(f"the bank's experts {out} have {len(groups)} LoRA configurations; choose experts of one "
+        raise MtpeftError(f"the bank's experts {out} have {len(groups)} configurations; choose experts of one "
                           "configuration with --experts a,b,...")
     return out
 
@@ -143,6 +149,14 @@ def _target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, l
     return {"names": names, "matrix": [[round(float(x), 6) for x in row] for row in S], "to_target": to_target}
 
 
+def _routed_accuracy(bank, scorer, task, router) -> float:
+    from ..train import predict
+
+    router.eval()
+    preds, labels = predict(bank, scorer, task, lambda n: router)
+    return int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
+
+
 def _stat(xs: list[float]) -> dict:
     return {"mean": round(statistics.fmean(xs), 6), "std": round(statistics.stdev(xs), 6) if len(xs) > 1 else 0.0,
             "n": len(xs)}
@@ -188,11 +202,13 @@ def _resume(out: Path | None, key: dict) -> dict | None:
 def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | None = None, *,
               experts: Sequence[str] | None = None, source_tasks: dict | None = None, out: str | Path | None = None,
               keep: bool = False, max_examples: int | None = None, log: Callable[[str], None] | None = None,
-              save: Callable[[list[str]], None] | None = None, skills=None) -> dict:
+              save: Callable[[list[str]], None] | None = None, skills=None,
+              save_router: Callable[[str, object], None] | None = None) -> dict:
     """Few-shot transfer of the bank's experts to ``task`` (see the module doc). ``source_tasks``: the experts'
     task data by name where not built in (for their Fisher embeddings). ``save(names)``: called after each kept
-    module and after computing expert embeddings when ``keep`` (writes the bank). ``skills``: the router of the
-    bank's skills (``mtpeft.skills.load_skills``), for poly, mhr-z and mhr-mu; left as it was."""
+    module and after computing expert embeddings when ``keep`` (writes the bank); ``save_router(name, router)``:
+    after each kept result that is a router (AdapterFusion), e.g. into ``BANK/routers/<name>/``. ``skills``: the
+    router of the bank's skills (``mtpeft.skills.load_skills``), for poly, mhr-z and mhr-mu; left as it was."""
     from ..io import write_json
     from ..train import evaluate
 
@@ -261,9 +277,15 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
                     if name in bank:
                         bank.remove(name)
                     raise
-                acc = evaluate(bank, scorer, few, res.module)["accuracy"]
+                if res.router is not None:  # scored through the router (AdapterFusion), no module of its own
+                    acc = _routed_accuracy(bank, scorer, few, res.router)
+                else:
+                    acc = evaluate(bank, scorer, few, res.module)["accuracy"]
                 secs = round(time.perf_counter() - t0, 2)
-                if keep:
+                if res.router is not None:
+                    if keep and save_router is not None:
+                        save_router(res.module, res.router)
+                elif keep:
                     if save is not None:
                         save([res.module])
                 else:

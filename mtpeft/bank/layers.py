@@ -2,7 +2,8 @@
 
 The routing in force for one forward lives in a ``BankState`` shared by the bank and its layers. A layer
 asks the state once per forward for the routing at its site (a per-site router is called here, once, and
-its answer serves every group of stacks at the site), then restricts it to each group it holds.
+its answer serves every group of stacks at the site), then restricts it to each group it holds. A router that
+rewrites outputs (``edits_output``, AdapterFusion) gets the layer's output after that (``site_output``).
 """
 from __future__ import annotations
 
@@ -97,6 +98,13 @@ class BankedLinear(nn.Module):
             state.stash[self.site] = x
         if not len(self.stacks):  # a site wrapped only for its stashed input
             return self.base(x)
+        y = self._routed(bank, state, x)
+        if getattr(state.router, "edits_output", False):  # a router that rewrites the site's output (AdapterFusion)
+            y = state.router.site_output(self, x, y, state.ctx)
+        return y
+
+    def _routed(self, bank, state: BankState, x: Tensor) -> Tensor:
+        """The base layer plus the stacks under the routing in force at this site."""
         site_routing = self._site_routing(state, x)
         if site_routing is None:  # the router says: nothing at this site
             return self.base(x)

@@ -102,9 +102,12 @@ def cmd_adapt(args):
         bank, scorer = open_bank(args.bank)
         save = (lambda names: bank.save(args.bank, only=list(names))) if args.keep else None
         skills = _skills_router(args, bank, methods)
+        from ..skills.core import router_dir
+
+        save_router = (lambda name, r: r.save(router_dir(args.bank, name))) if args.keep else None
         report = run_adapt(bank, scorer, task, shots, methods, seeds, budget, experts=experts, source_tasks=sources,
                            out=args.out, keep=args.keep, max_examples=args.max_examples, log=log, save=save,
-                           skills=skills)
+                           skills=skills, save_router=save_router)
     report["bank"] = str(args.bank)
     rows = table_rows(report)
     emit(args, report, rows, ["method", "params", *[f"{k} shots" for k in report["shots"]]],
@@ -194,7 +197,7 @@ def add_parser(sub) -> None:
                        "lorahub, pi-tuning, ... at several shot counts and seeds",
                        description="For each shot count (examples per class, drawn with the seed) train each method on "
                        "those examples only and score the whole test split. The bank is left as it was unless --keep.")
-    s.add_argument("--bank", required=True, type=Path, help="a bank of LoRA experts on other tasks")
+    s.add_argument("--bank", required=True, type=Path, help="a bank of LoRA experts (or bottleneck adapters, for fusion) on other tasks")
     _task_args(s, multiple=False)
     s.add_argument("--shots", default="16,64,256", help="examples per class, comma-separated (default 16,64,256)")
     s.add_argument("--methods", default="scratch,best-source,lorahub,pi-tuning",

@@ -79,6 +79,30 @@ class CrossEntropy(Objective):
         return {"label_smoothing": self.label_smoothing}
 
 
+@register_objective("regularised")
+class Regularised(CrossEntropy):
+    """Cross-entropy plus ``weight`` times the router's ``regulariser()`` (AdapterFusion's ``||V - I||^2``, weight
+    0.01 as adapter-hub/adapters); the regulariser is logged as ``reg``."""
+
+    def __init__(self, weight: float = 0.01, label_smoothing: float = 0.0):
+        super().__init__(label_smoothing)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise MtpeftError(f"the regulariser's weight must be a number >= 0, got {weight!r}")
+        self.weight = float(weight)
+
+    def __call__(self, module, batch, logits):
+        reg = getattr(module.router, "regulariser", None)
+        if reg is None:
+            raise MtpeftError(f"the 'regularised' objective needs a router with a regulariser() (e.g. AdapterFusion's); "
+                              f"router {type(module.router).__name__} has none: use the default objective")
+        loss, extra = super().__call__(module, batch, logits)
+        r = reg()
+        return loss + self.weight * r.to(loss.dtype), {**extra, "reg": r.detach()}
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
 def make_objective(spec=None) -> Objective:
     """An objective from None (cross-entropy), a registered name, an ``Objective``, or any callable with the
     objective signature ``(module, batch, logits) -> (loss, extra_logs)``."""

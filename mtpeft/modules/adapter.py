@@ -138,6 +138,21 @@ class AdapterStack(LowRankStack):
     def new_expert(self, generator):
         return _Expert(self.rank, self.d_in, self.d_out, generator)
 
+    def expert_outputs(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
+        """Each selected adapter's own output on the source ``x`` (``source(x, y)``), side by side: ``x``
+        ``[..., d]`` -> ``[..., n, d]`` for the adapters ``ids`` (positions in this stack; None: all). It is what
+        each adapter alone adds to the layer (scale included, no residual): AdapterFusion's keys and values.
+        Two matmuls over the stacked weights, no loop over adapters."""
+        A = self.stacked(self.down_name)  # [E, r, d]
+        U = self.stacked(self.up_name)  # [E, d, r]
+        if ids is not None:
+            ids = ids.to(A.device)
+            A, U = A.index_select(0, ids), U.index_select(0, ids)
+        n, r, d = A.shape
+        h = self._act(self.dropout(x) @ A.reshape(n * r, d).t())  # [..., n*r]
+        h = h.unflatten(-1, (n, r))
+        return torch.einsum("...nr,nor->...no", h, U * self.scale)
+
     def stash_sources(self, site: str) -> list[str]:
         return [source_site(site)] if self.parallel else []
 

@@ -6,7 +6,10 @@ A router is an ``nn.Module`` that returns the bank's ``Routing`` (weights over m
   forward; the answer serves every site (task-id routing, fixed weights, retrieval, Poly);
 - per site (``per_site = True``): ``at_site(site, x, ctx) -> Routing | None``, called by the bank once per
   site per forward with that site's input ``x`` ``[B, T, d]``; the answer serves every group of modules at
-  the site, None means "nothing here" (PHATGOOSE, Arrow).
+  the site, None means "nothing here" (PHATGOOSE, Arrow);
+- a per-site router may also rewrite a site's output (``edits_output = True``): the bank then calls
+  ``site_output(layer, x, y, ctx) -> y'`` after the routed stacks, ``layer`` the ``BankedLinear`` (its ``site`` and
+  ``stacks``), ``y`` its output so far (AdapterFusion: attention over the adapters' individual outputs).
 
 ``ctx`` is a ``RouteContext`` (attention mask, task ids where known, texts, the frozen backbone's pooled
 embedding on demand). A router names the modules it routes to by name (``module_names``), so it follows the
@@ -40,6 +43,7 @@ def register_router(name: str):
 class Router(nn.Module):
     name: ClassVar[str] = ""
     per_site: ClassVar[bool] = False
+    edits_output: ClassVar[bool] = False  # True: the bank calls site_output(layer, x, y, ctx) at every site
     # True: the router's state refers to modules by name only, so any change of the bank that keeps those
     # modules is fine (their ids are looked up again). False: its state was fitted to the bank as a whole
     # (e.g. a selector over every module): once the bank's modules change it must be refitted.

@@ -1,4 +1,5 @@
-"""Skills shared across tasks (Poly, MHR) and what few-shot transfer builds on them (MHR-z, MHR-mu, LoraHub)."""
+"""Skills shared across tasks (Poly, MHR) and what few-shot transfer builds on them (MHR-z, MHR-mu, LoraHub,
+AdapterFusion)."""
 from .core import (
     ROUTER_KINDS,
     add_skills,
@@ -18,9 +19,10 @@ from .core import (
     skills_for_task,
     task_router,
 )
+from .fusion import add_fusion, evaluate_fusion, fit_fusion, load_fusion, save_fusion
 from .lorahub import compose, few_shot_loss, lorahub, optimise_weights
 
-__all__ = ["ROUTER_KINDS", "add_skills", "add_task_row", "average_skills", "check_kind", "compose", "compose_task",
-           "evaluate_skills", "few_shot_loss", "fit_skills", "inventories", "load_skills", "lorahub", "optimise_weights",
-           "plot_routing", "router_dir", "save_skills", "saved_skills", "skill_names", "skills_for_task",
-           "task_router"]
+__all__ = ["ROUTER_KINDS", "add_fusion", "add_skills", "add_task_row", "average_skills", "check_kind", "compose",
+           "compose_task", "evaluate_fusion", "evaluate_skills", "few_shot_loss", "fit_fusion", "fit_skills",
+           "inventories", "load_fusion", "load_skills", "lorahub", "optimise_weights", "plot_routing", "router_dir",
+           "save_fusion", "save_skills", "saved_skills", "skill_names", "skills_for_task", "task_router"]

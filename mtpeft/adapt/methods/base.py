@@ -3,9 +3,11 @@
 A method is a class registered by name (``@register_method("scratch")``) in one file of this package. ``run(ctx)``
 gets an ``AdaptContext`` (the bank, the scorer, the few-shot task, the source experts, the seed, the budget) and
 adds ONE module to the bank (named ``ctx.module_name``), trained or composed for the few-shot task; it returns an
-``AdaptResult`` naming that module and counting the parameters it trained. ``check(bank, experts)`` refuses, before
-anything runs, a bank the method cannot use (e.g. no skills for Poly). Methods that adapt the bank's skills (Poly,
-MHR) derive from ``SkillsMethod`` and find the skills' router in ``ctx.skills``.
+``AdaptResult`` naming that module and counting the parameters it trained. A method whose result reads several of
+the bank's modules at once (``fusion``) adds no module and returns the router to score through (``router``).
+``check(bank, experts)`` refuses, before anything runs, a bank the method cannot use (e.g. no skills for Poly).
+Methods that adapt the bank's skills (Poly, MHR) derive from ``SkillsMethod`` and find the skills' router in
+``ctx.skills``.
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ class AdaptResult:
     module: str  # the module added to the bank for the few-shot task
     trainable: int  # parameters trained (or searched) for the task
     info: dict[str, Any] = field(default_factory=dict)  # JSON-safe details (weights found, experts picked, steps)
+    # a router the result is scored through instead of a module (AdapterFusion: attention over several of the
+    # bank's modules); then ``module`` is only the name it is kept under (``BANK/routers/<module>/``)
+    router: Any = None
 
 
 @dataclass
