@@ -295,6 +295,18 @@ def mpt_table(d: dict, name: str = "mpt") -> list[str]:
     return out
 
 
+def ddp_line(d: dict) -> list[str]:
+    """Training on several processes (`ddp.json`): steps per second of each configuration against one process."""
+    c, rows = d["config"], {r["config"]: r for r in d["rows"]}
+    base = rows["1proc_1thread"]["steps_per_s"]
+    label = lambda r: (f"{r['processes']} process{'es' if r['processes'] > 1 else ''} x {r['threads_per_process']} "
+                       f"thread{'s' if r['threads_per_process'] > 1 else ''}")
+    parts = [f"{label(r)} {r['steps_per_s']:.2f} steps/s ({r['steps_per_s'] / base:.2f}x)" for r in rows.values()]
+    return [(f"**Several processes** (`ddp.json`; `python benchmarks/bench_ddp.py`; {c['backbone']} LoRA expert, global "
+             f"batch {c['global_batch']}, {c['strategy']}, {c['cores']} cores, median of {c['repeats']}): "
+             + "; ".join(parts) + ".")]
+
+
 def conpet_inference_line(d: dict) -> list[str]:
     """conpet-dynamic's inference cost against one expert (`conpet_inference.json`)."""
     c = d["config"]
@@ -375,6 +387,8 @@ def render() -> str:
             parts.append(continual_table(d, name))
     if (d := _load("conpet_inference")):
         parts.append(conpet_inference_line(d))
+    if (d := _load("ddp")):
+        parts.append(ddp_line(d))
     if (d := _load("memory")):
         parts.append(memory_table(d))
     for name in ("mpt", "mpt_smollm2"):  # the causal backbone's capped run has its own file

@@ -99,3 +99,14 @@ def test_mpt_table_means_over_seeds(report):
     assert "| `h` | 70.0 ± 0.0 | 60.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 |" in text
     assert "seeds 0, 1, 2" in text and "PARTIAL" in text
     assert "student/teacher accuracy >= 0.97: met" in text and "target MPT > prompt tuning from scratch: missed" in text
+
+
+def test_ddp_line_gives_each_configuration_against_one_process(report):
+    rows = [{"config": "1proc_1thread", "processes": 1, "threads_per_process": 1, "steps_per_s": 0.5},
+            {"config": "2proc_1thread", "processes": 2, "threads_per_process": 1, "steps_per_s": 0.9}]
+    d = {"config": {"backbone": "minilm", "global_batch": 16, "strategy": "ddp (gloo)", "cores": 2, "repeats": 3},
+         "rows": rows}
+    (report.RESULTS / "ddp.json").write_text(json.dumps(d))
+    text = report.render()
+    assert "1 process x 1 thread 0.50 steps/s (1.00x)" in text
+    assert "2 processes x 1 thread 0.90 steps/s (1.80x)" in text

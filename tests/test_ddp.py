@@ -98,6 +98,34 @@ def test_two_processes_train_the_same_bank_as_one(tmp_path, kind, launcher):
     assert len(states) == 1 and json.loads(states[0].read_text())["status"] == "finished"
 
 
+def test_skills_train_on_two_processes_as_on_one(tmp_path):
+    """Poly skills (2 skills, 2 tasks) and their routing logits on 2 ranks = one process: the Gumbel-sigmoid
+    noise is drawn for every task row from the router's own stream, so the cut of a batch over ranks does not
+    change it; the skills, the logits and the report agree, and only rank zero wrote the router."""
+    from safetensors.torch import load_file
+
+    flags = ("--two", "--multitask", "--router", "poly", "--skills", "2", "--router-lr", "0.1")
+    one = _train(tmp_path, tmp_path / "one", *flags)
+    two = _train(tmp_path, tmp_path / "two", *flags, "--devices", "2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+    assert [(r["task"], r["accuracy"], r["n"], r["steps"]) for r in r1] == \
+        [(r["task"], r["accuracy"], r["n"], r["steps"]) for r in r2]
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert sorted(w1) == sorted(w2) and len(w1) >= 4
+    assert max(float(w1[k].abs().max()) for k in w1 if k.endswith("lora_B")) > 1e-3  # the skills trained
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+    (f1,), (f2,) = ([*(tmp_path / d / "routers" / "skills").glob("*.safetensors")] for d in ("one", "two"))
+    l1, l2 = load_file(f1), load_file(f2)
+    assert sorted(l1) == sorted(l2)
+    for k in l1:
+        init_gap = float(l1[k].abs().max())
+        assert init_gap > 2e-3, k  # the logits moved from their U(-1e-3, 1e-3) init
+        torch.testing.assert_close(l2[k], l1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("failing", [1, 0])
 def test_a_failing_rank_stops_the_run_and_resume_finishes_it(tmp_path, failing):
     """A rank fails in the second expert's training (step 16 of its process: the first expert took 14): the

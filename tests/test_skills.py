@@ -255,9 +255,6 @@ def test_cli_trains_poly_skills_and_eval_routes_through_the_matrix(tmp_path, cap
                                          "--task-file", f"ta={a}", "--out", tmp_path / "x")
     assert "--router" in error_of(capsys, "train", "--backbone", "tiny-bert", "--splits", 2, "--multitask",
                                   "--task-file", f"ta={a}", "--out", tmp_path / "x")
-    assert "train on one process for now" in error_of(capsys, "train", "--backbone", "tiny-bert", "--router", "poly",
-                                                      "--skills", 2, "--multitask", "--devices", 2,
-                                                      "--task-file", f"ta={a}", "--out", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

@@ -137,9 +137,6 @@ def cmd_train(args):
     _check_train_args(args)
     parallel = _parallel(args)
     rank = global_rank(args.devices) if parallel.distributed else 0
-    if args.router is not None and parallel.distributed:
-        raise MtpeftError(f"skills (--router {args.router}) train on one process for now; drop --devices/--num-nodes "
-                          "(experts and multitask modules train on several)")
     tasks = _load_tasks(args)
     if args.gate and args.multitask:
         raise MtpeftError("--gate gates one expert per task (PHATGOOSE); drop --multitask, or gate later with "
@@ -232,7 +229,7 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
 
     rows = []
     if args.router is not None:
-        return _train_skills(args, bank, scorer, tasks, names, config, cfg, run)
+        return _train_skills(args, bank, scorer, tasks, names, config, cfg, run, writer)
     if args.multitask:
         (name,) = names
         done = run.rows(name)
@@ -291,8 +288,10 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
     return rows
 
 
-def _train_skills(args, bank, scorer, tasks, names, config, cfg, run) -> list[dict]:
-    """Poly/MHR: the skills and their routing trained together; the router saved in OUT/routers/NAME/."""
+def _train_skills(args, bank, scorer, tasks, names, config, cfg, run, writer: bool = True) -> list[dict]:
+    """Poly/MHR: the skills and their routing trained together; the router saved in OUT/routers/NAME/ (by
+    the ``writer``; on several processes every rank trains and evaluates its share)."""
+    from ..distributed import eval_shard
     from ..faults import phase
     from ..skills import evaluate_skills, fit_skills, save_skills
 
@@ -305,15 +304,17 @@ def _train_skills(args, bank, scorer, tasks, names, config, cfg, run) -> list[di
                            router_lr=args.router_lr, shared_routing=bool(args.shared_routing), name=name,
                            sampling=args.sampling)
     phase("evaluate", name)
-    rows = [dict(module=name, **evaluate_skills(bank, scorer, t, router), steps=m["steps"]) for t in tasks]
+    shard = eval_shard()
+    rows = [dict(module=name, **evaluate_skills(bank, scorer, t, router, shard=shard), steps=m["steps"]) for t in tasks]
     per_task = {r["task"]: r["accuracy"] for r in rows}
     for n in names:
         bank.record(n).metrics.update({"test_acc": round(sum(per_task.values()) / len(per_task), 6),
                                        "test_acc_per_task": per_task})
-    phase("save", name)
-    bank.save(args.out)
-    save_skills(router, args.out, name)
-    run.finished(names[0], rows)
+    if writer:
+        phase("save", name)
+        bank.save(args.out)
+        save_skills(router, args.out, name)
+        run.finished(names[0], rows)
     return rows
 
 

@@ -57,6 +57,11 @@ class PolyRouter(Router):
         self._rows: dict[tuple, Tensor] = {}
         self._skill_sites: set[str] = set()
         self._frozen_rows_hook = None
+        # the training noise has its own stream, drawn for every task row at each call and then indexed: a
+        # task's sample at a step does not depend on which other tasks share the batch, nor on how the batch
+        # is cut over ranks, so several DDP processes draw what one process draws (and dropout elsewhere does
+        # not shift it)
+        self._noise = torch.Generator().manual_seed(self.seed + 1)
 
     @property
     def shared(self) -> bool:
@@ -108,7 +113,8 @@ class PolyRouter(Router):
         layer = 0 if self.shared or site is None else self._site_pos[site]
         z = self.logits[layer].index_select(0, rows.to(self.logits.device))
         if self.training:
-            u = torch.rand_like(z).clamp(1e-6, 1 - 1e-6)
+            every = torch.rand(self.logits.shape[1:], generator=self._noise, dtype=self.logits.dtype)
+            u = every.index_select(0, rows.cpu()).to(z.device).clamp(1e-6, 1 - 1e-6)
             w = torch.sigmoid(z + torch.log(u) - torch.log1p(-u))  # RelaxedBernoulli(T=1).rsample()
         else:
             w = torch.sigmoid(z)

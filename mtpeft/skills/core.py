@@ -154,14 +154,20 @@ def skills_for_task(bank_path: str | Path, task: str) -> str | None:
 
 
 def evaluate_skills(bank, scorer, task, router: PolyRouter, split: str = "test", batch_size: int = 64,
-                    progress: bool = False) -> dict:
-    """Accuracy on ``split`` with each example routed by its task through the skills' routing matrix."""
+                    progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
+    """Accuracy on ``split`` with each example routed by its task through the skills' routing matrix.
+    ``shard=(rank, world)``: a collective, each rank predicts its share and the counts are summed."""
     from ..train import predict
 
     router.eval()
-    preds, labels = predict(bank, scorer, task, lambda n: router, split, batch_size, progress)
-    acc = int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
-    return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
+    preds, labels = predict(bank, scorer, task, lambda n: router, split, batch_size, progress, shard)
+    correct, n = int((preds == labels).sum()), len(labels)
+    if shard is not None:
+        from ..distributed import all_sum
+
+        correct, n = all_sum([correct, n])
+    acc = correct / n if n else 0.0
+    return {"task": task.name, "split": split, "accuracy": acc, "n": n,
             "majority": task.majority_baseline(split)}
 
 
