@@ -134,10 +134,11 @@ def _peer_failed(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def rank_failure(parallel: Parallel, rank: int, kept: str, command: str):
+def rank_failure(parallel: Parallel, rank: int, kept: str, command: str, again: str | None = None):
     """On several processes, any failure (of this rank, or a peer's seen as a broken collective) becomes a
-    clear error naming the rank, what is ``kept`` (e.g. "The bank OUT") and how to go on; the run's state is
-    left as a kill leaves it (waiting for ``--resume``). One process: errors pass unchanged."""
+    clear error naming the rank, what is ``kept`` (e.g. "The bank OUT") and how to go on (``again``; default:
+    ``command`` with --resume); the run's state is left as a kill leaves it (waiting for ``--resume``). One
+    process: errors pass unchanged."""
     try:
         yield
     except (MtpeftError, KeyboardInterrupt):
@@ -149,5 +150,6 @@ def rank_failure(parallel: Parallel, rank: int, kept: str, command: str):
         if _peer_failed(e):
             what = f"another rank failed (its own error is printed too): {what[:200]}"
         raise MtpeftError(f"rank {rank} of {parallel.world_size} stopped: {what}; the run stops on every rank. "
-                          f"{kept} holds what was finished before; `{command}` with the same flags and --resume "
-                          "finishes the run (on any number of processes)") from e
+                          f"{kept} holds what was finished before; "
+                          + (again or f"`{command}` with the same flags and --resume finishes the run (on any number "
+                                      "of processes)")) from e

@@ -124,6 +124,53 @@ def test_skills_train_on_two_processes_as_on_one(tmp_path):
         init_gap = float(l1[k].abs().max())
         assert init_gap > 2e-3, k  # the logits moved from their U(-1e-3, 1e-3) init
         torch.testing.assert_close(l2[k], l1[k], rtol=1e-4, atol=1e-5, msg=k)
+    # a second rank did train the skills: made to fail at its 3rd step, it stops the run naming itself
+    bad = _train(tmp_path, tmp_path / "bad", *flags, "--devices", "2", env={"MTPEFT_FAIL_RANK": "1:3"})
+    assert bad.returncode != 0 and "rank 1 of 2 stopped: InjectedFault" in bad.stderr, bad.stderr[-3000:]
+
+
+def test_gates_train_on_two_processes_as_on_one(tmp_path):
+    """`mtpeft gate --devices 2` on an expert trained once: the same PHATGOOSE gate vectors and retrieval
+    centroid as one process, and the same report."""
+    import shutil
+
+    from mtpeft.api import open_bank
+
+    base = tmp_path / "base"
+    trained = _train(tmp_path, base)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for d in ("one", "two"):
+        shutil.copytree(base, tmp_path / d)
+
+    def gate(bank, *flags, env=None):
+        cmd = [sys.executable, "-m", "mtpeft", "gate", "--bank", str(bank), "--task-file", f"toy={tmp_path / 'toy.csv'}",
+               "--steps", "8", "--batch-size", "8", "--lr", "5e-2", "--accelerator", "cpu", "--json", *flags]
+        e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
+            e.pop(k, None)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**e, **(env or {})},
+                              cwd=tmp_path, timeout=1200)
+
+    one, two = gate(tmp_path / "one"), gate(tmp_path / "two", "--devices", "2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+    assert [(r["module"], r["steps"], r["centroid_n"]) for r in r1] == [(r["module"], r["steps"], r["centroid_n"])
+                                                                       for r in r2] == [("toy-lora", 8, 56)]
+    (b1, _), (b2, _) = open_bank(tmp_path / "one"), open_bank(tmp_path / "two")
+    a1, a2 = b1.artifacts("toy-lora"), b2.artifacts("toy-lora")
+    gates = [k for k in a1 if "gate" in k]
+    assert gates and sorted(a1) == sorted(a2)
+    moved = max(float(a1[k].abs().max()) for k in gates)
+    assert moved > 0  # gates start at zero (PHATGOOSE): equal untouched gates would prove nothing
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5, msg=k)
+    # a second rank did train the gates: made to fail at its 3rd step, it stops the run naming itself and
+    # saying how to go on (gate has no --resume: the experts not gated yet are gated again)
+    bad = gate(tmp_path / "one", "--devices", "2", env={"MTPEFT_FAIL_RANK": "1:3"})
+    assert bad.returncode != 0 and "rank 1 of 2 stopped: InjectedFault" in bad.stderr, bad.stderr[-3000:]
+    assert "`mtpeft gate` on the others" in bad.stderr
 
 
 @pytest.mark.parametrize("failing", [1, 0])

@@ -184,3 +184,23 @@ def _module_for_task(bank, task: str) -> str:
             if task in ((r.metadata or {}).get("tasks") or []):
                 return r.name
         raise MtpeftError(f"{e}; name the module to evaluate with --module (modules: {', '.join(bank.names)})") from e
+
+
+def parallel_args(parser, strategy_flag: str = "--strategy", dest: str = "strategy", unset: bool = False) -> None:
+    """The "processes and nodes" flags of a training command (Lightning DDP; docs/scale-out.md):
+    ``--devices``, ``--num-nodes``, ``strategy_flag`` (into ``dest``) and ``--accelerator``. ``unset``: the
+    defaults are None, for a command whose run file (``--config``) fills what the flags leave out."""
+    from ..distributed import ACCELERATORS, STRATEGIES
+
+    d = (lambda v: None) if unset else (lambda v: v)
+    g = parser.add_argument_group("processes and nodes", "Lightning's DDP: every rank runs this same command "
+                                  "(Lightning starts the local ones; torchrun or SLURM may start them all); each rank "
+                                  "trains and evaluates its share, rank zero writes (docs/scale-out.md)")
+    g.add_argument("--devices", type=int, default=d(1), metavar="N",
+                   help="processes (CPU) or GPUs per node (default 1); the batch size stays the global batch, each "
+                   "rank takes batch/(N x nodes)")
+    g.add_argument("--num-nodes", type=int, default=d(1), metavar="M", help="nodes (default 1)")
+    g.add_argument(strategy_flag, dest=dest, default=d("auto"), choices=STRATEGIES,
+                   help="auto (default: DDP on several processes) or ddp; fsdp is refused (docs/scale-out.md)")
+    g.add_argument("--accelerator", default=d("auto"), choices=ACCELERATORS,
+                   help="auto (default), cpu, or gpu/cuda; DDP talks gloo on CPU, NCCL on GPUs")

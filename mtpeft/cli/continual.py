@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MtpeftError
+from .common import parallel_args
 
 
 def _list(value: str, what: str, conv=str) -> list:
@@ -153,13 +154,5 @@ def add_parser(sub):
                    help="MbPA++ local adaptation at test for the strategies that take it (replay, conpet-static): "
                         "a few steps on each input's memory neighbours, then the stored module back")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
-    g = p.add_argument_group("processes and nodes", "every fit on Lightning's DDP; every rank runs this same "
-                             "command, each rank evaluates its share, rank zero writes (docs/scale-out.md)")
-    g.add_argument("--devices", type=int, default=1, metavar="N",
-                   help="processes (CPU) or GPUs per node (default 1); batch_size stays the global batch")
-    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="nodes (default 1)")
-    g.add_argument("--dist-strategy", default="auto", choices=["auto", "ddp", "fsdp"],
-                   help="auto (default: DDP on several processes) or ddp (--strategy names the continual strategy)")
-    g.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
-                   help="auto (default), cpu (gloo), gpu/cuda (NCCL)")
+    parallel_args(p, "--dist-strategy", "dist_strategy")  # --strategy names the continual strategy
     p.set_defaults(func=cmd_continual)

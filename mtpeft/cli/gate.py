@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MtpeftError
-from .common import _load_tasks, _module_for_task, _task_args, emit
+from .common import _load_tasks, _module_for_task, _task_args, emit, parallel_args
 
 
 def _check_gate_args(args) -> None:
@@ -57,10 +57,22 @@ def cmd_gate(args):
         pairs = [(tasks[0], args.module)]
     else:
         pairs = [(t, _module_of(bank, t.name)) for t in tasks]
-    cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, progress=not args.json,
-                      run_dir=None if args.run_dir is None else str(args.run_dir))
-    rows = gate_rows(bank, scorer, pairs, cfg, args.steps, args.lr, args.centroid_examples,
-                     save=lambda name: bank.save(args.bank, only=[name]))
+    from ..distributed import Parallel, global_rank, rank_failure
+
+    parallel = Parallel(args.devices, args.num_nodes, args.strategy, args.accelerator)
+    parallel.check_batch(args.batch_size)
+    rank = global_rank(args.devices) if parallel.distributed else 0
+    cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, progress=not args.json and rank == 0,
+                      run_dir=None if args.run_dir is None else str(args.run_dir), devices=args.devices,
+                      num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator)
+    # every rank trains its share of each gate's batches; rank zero alone writes the bank (after each expert)
+    save = (lambda name: bank.save(args.bank, only=[name])) if rank == 0 else None
+    with rank_failure(parallel, rank, f"The bank {args.bank}", "mtpeft gate",
+                      again="the experts gated before the failure are saved; `mtpeft gate` on the others (--module "
+                            "or --task) finishes the run, on any number of processes"):
+        rows = gate_rows(bank, scorer, pairs, cfg, args.steps, args.lr, args.centroid_examples, save=save)
+    if rank != 0:
+        return
     bank.save(args.bank)
     emit(args, {"bank": str(args.bank), "results": rows}, rows,
          ["module", "task", "sites", "steps", "val_acc", "centroid_n", "train_seconds"], title=f"gated in {args.bank}")
@@ -86,4 +98,5 @@ def add_parser(sub) -> None:
     s.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
                    help="write each gate fit's training curves to DIR/<module>.gates/ (default: no logs)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parallel_args(s)
     s.set_defaults(func=cmd_gate)

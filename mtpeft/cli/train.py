@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..distributed import ACCELERATORS, STRATEGIES
 from ..errors import MtpeftError
-from .common import Setting, _common, _load_tasks, _task_args, emit
+from .common import Setting, _common, _load_tasks, _task_args, emit, parallel_args
 
 # A run file for `mtpeft train --config`: these keys, each also a flag; the flag wins when both are given.
 TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks": [], "task_files": [],
@@ -16,8 +17,6 @@ TRAIN_DEFAULTS = {"backbone": "minilm", "module": "lora", "options": {}, "tasks"
 TRAIN_CONFIG_KEYS = tuple(TRAIN_DEFAULTS)
 SAMPLINGS = ("proportional", "temperature", "uniform")
 SKILL_ROUTERS = ("poly", "mhr")
-STRATEGIES = ("auto", "ddp", "fsdp")  # as mtpeft.distributed (not imported here: --help stays quick)
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 # The type and range of every scalar setting, for its flag and its run-file key alike:
 # (key, kind, optional, ok, what to give, an example value).
@@ -361,15 +360,5 @@ def add_parser(sub) -> None:
     s.add_argument("--fisher", action="store_true",
                    help="after training each expert, store its Fisher task embedding (as `mtpeft embed`: 32 batches), "
                    "for `mtpeft adapt`'s pi-tuning and best-source")
-    g = s.add_argument_group("processes and nodes", "Lightning's DDP: every rank runs this same command (Lightning "
-                             "starts the local ones; torchrun or SLURM may start them all); rank zero writes "
-                             "(docs/scale-out.md)")
-    g.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="processes (CPU) or GPUs per node (default 1); --batch-size stays the global batch, each "
-                   "rank takes batch/(N x nodes)")
-    g.add_argument("--num-nodes", type=int, default=None, metavar="M", help="nodes (default 1)")
-    g.add_argument("--strategy", default=None, choices=STRATEGIES,
-                   help="auto (default: DDP on several processes) or ddp; fsdp is not supported yet")
-    g.add_argument("--accelerator", default=None, choices=ACCELERATORS,
-                   help="auto (default), cpu, or gpu/cuda; DDP talks gloo on CPU, NCCL on GPUs")
+    parallel_args(s, unset=True)  # None: the run file (--config) or the defaults fill them
     s.set_defaults(func=cmd_train)
