@@ -258,6 +258,13 @@ def evaluate(bank, scorer, task, module: str | int | None = None, split: str = "
     if module is not None:
         mid = module if isinstance(module, int) else bank.index(module)
         routing_for_batch = lambda n: Routing.one_hot([mid] * n).to(bank.device)
+    return split_accuracy(bank, scorer, task, routing_for_batch, split, batch_size, progress, shard)
+
+
+def split_accuracy(bank, scorer, task, routing_for_batch=None, split: str = "test", batch_size: int = 64,
+                   progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
+    """The row ``evaluate`` returns (task, split, accuracy, n, majority) for any ``routing_for_batch(n)``
+    (a Routing or a router; None: the bare backbone); ``shard`` as in ``evaluate``."""
     preds, labels = predict(bank, scorer, task, routing_for_batch, split, batch_size, progress, shard)
     correct, n = int((preds == labels).sum()), len(labels)
     if shard is not None:

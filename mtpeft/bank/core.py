@@ -127,6 +127,16 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
     def group_of(self, name: str) -> Group:
         return self.locate(name)[0]
 
+    def common_group(self, names, what: str) -> Group:
+        """The one group every module of ``names`` is in; an error naming ``what`` (e.g. "the skills") when
+        they span several (another type or config)."""
+        names = list(names)
+        keys = {self.group_of(n).key for n in names}
+        if len(keys) != 1:
+            raise MtpeftError(f"{what} {names} must be modules of one type and config (one group of the bank); "
+                              f"they span {sorted(keys)}")
+        return self.group_of(names[0])
+
     def _changed(self) -> None:
         """Every change of what the bank holds: ids refreshed, version bumped."""
         pos = {r.name: i for i, r in enumerate(self.records)}

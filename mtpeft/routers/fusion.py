@@ -82,11 +82,7 @@ class FusionRouter(Router):
     # ---- binding to the bank -----------------------------------------------------------------
     def bind(self, bank) -> None:
         super().bind(bank)
-        groups = {bank.group_of(n).key for n in self.module_names}
-        if len(groups) != 1:
-            raise MtpeftError(f"AdapterFusion fuses adapters of one type and config (one group of the bank); "
-                              f"{self.module_names} span {len(groups)}: {sorted(groups)}")
-        group = bank.group_of(self.module_names[0])
+        group = bank.common_group(self.module_names, "the adapters AdapterFusion fuses,")
         if group.mtype.name not in ADAPTER_TYPES:
             raise MtpeftError(f"AdapterFusion fuses bottleneck adapters ({', '.join(ADAPTER_TYPES)}); "
                               f"{self.module_names} are {group.mtype.name!r} modules")

@@ -74,11 +74,7 @@ class PolyRouter(Router):
     # ---- binding to the bank -----------------------------------------------------------------
     def bind(self, bank) -> None:
         super().bind(bank)
-        groups = {bank.group_of(n).key for n in self.module_names}
-        if len(groups) != 1:
-            raise MtpeftError(f"the skills {self.module_names} must be modules of one type and config (one group); "
-                              f"they span {sorted(groups)}")
-        group = bank.group_of(self.module_names[0])
+        group = bank.common_group(self.module_names, "the skills")
         sites = list(group.sites)
         if self.sites is not None and sorted(self.sites) != sorted(sites):
             raise MtpeftError(f"the routing logits were made for sites {self.sites[:3]}..., the skills act on "

@@ -157,18 +157,10 @@ def evaluate_skills(bank, scorer, task, router: PolyRouter, split: str = "test",
                     progress: bool = False, shard: tuple[int, int] | None = None) -> dict:
     """Accuracy on ``split`` with each example routed by its task through the skills' routing matrix.
     ``shard=(rank, world)``: a collective, each rank predicts its share and the counts are summed."""
-    from ..train import predict
+    from ..train import split_accuracy
 
     router.eval()
-    preds, labels = predict(bank, scorer, task, lambda n: router, split, batch_size, progress, shard)
-    correct, n = int((preds == labels).sum()), len(labels)
-    if shard is not None:
-        from ..distributed import all_sum
-
-        correct, n = all_sum([correct, n])
-    acc = correct / n if n else 0.0
-    return {"task": task.name, "split": split, "accuracy": acc, "n": n,
-            "majority": task.majority_baseline(split)}
+    return split_accuracy(bank, scorer, task, lambda n: router, split, batch_size, progress, shard)
 
 
 def plot_routing(router: PolyRouter, target: str | Path, title: str = "task-skill weights") -> Path:

@@ -101,10 +101,7 @@ def load_fusion(bank, bank_path: str | Path, name: str) -> FusionRouter:
 def evaluate_fusion(bank, scorer, task, router: FusionRouter, split: str = "test", batch_size: int = 64,
                     progress: bool = False) -> dict:
     """Accuracy on ``split`` with every example through the fused adapters."""
-    from ..train import predict
+    from ..train import split_accuracy
 
     router.eval()
-    preds, labels = predict(bank, scorer, task, lambda n: router, split, batch_size, progress)
-    acc = int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
-    return {"task": task.name, "split": split, "accuracy": acc, "n": len(labels),
-            "majority": task.majority_baseline(split)}
+    return split_accuracy(bank, scorer, task, lambda n: router, split, batch_size, progress)

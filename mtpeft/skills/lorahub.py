@@ -64,11 +64,7 @@ def few_shot_loss(bank, scorer, task, experts: Sequence[str], split: str = "trai
     """``loss(w)``: the mean cross-entropy on ``task``'s ``split`` (its first ``max_examples``) with the experts'
     parameters mixed by ``w`` (one mixture for every example)."""
     ids = bank.ids(list(experts))
-    groups = {bank.group_of(n).key for n in experts}
-    if len(groups) != 1:
-        raise MtpeftError(f"LoraHub composes experts of one type and config (one group); {list(experts)} span "
-                          f"{sorted(groups)}")
-    group = bank.group_of(experts[0])
+    group = bank.common_group(experts, "the experts LoraHub composes,")
     if group.mtype.name != "lora":
         raise MtpeftError(f"LoraHub composes LoRA experts, not {group.mtype.name!r} ones")
     ds = task.splits[split]
