@@ -42,6 +42,16 @@ class Parallel:
                               "ranks, and keeping the best validation state and saving the bank need them whole; "
                               "use --strategy ddp (the bank is small and replicated on every rank)")
 
+    def fields(self) -> dict:
+        """``devices``, ``num_nodes``, ``strategy``, ``accelerator``: what ``train.TrainConfig`` takes of it."""
+        return {"devices": self.devices, "num_nodes": self.num_nodes, "strategy": self.strategy,
+                "accelerator": self.accelerator}
+
+    def check_batches(self, **batches: int) -> None:
+        """Every named global batch splits evenly over the ranks (``check_batch`` of each, named by its key)."""
+        for flag, b in batches.items():
+            self.check_batch(b, flag)
+
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes

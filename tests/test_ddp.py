@@ -5,35 +5,17 @@ These tests start real processes: `python -m mtpeft train --devices 2` and Light
 the second rank by running the same command again."""
 from __future__ import annotations
 
-import csv
 import json
-import os
-import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_util import run_mtpeft
+from ddp_util import task_file as _task_file
+from ddp_util import weights as _weights
 
 pytestmark = pytest.mark.processes
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _task_file(path: Path, seed: int, n: int = 80) -> Path:
-    """A learnable two-class task file: 80 rows -> 56 train (7 global batches of 8), 8 validation, 16 test."""
-    rng = random.Random(seed)
-    cue = {0: ["apple", "cherry", "ruby"], 1: ["sky", "ocean", "sapphire"]}
-    filler = ["the", "a", "one", "some", "big", "small", "old", "new"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for i in range(n):
-            words = rng.sample(filler, 3) + [rng.choice(cue[i % 2])]
-            rng.shuffle(words)
-            w.writerow([" ".join(words), ["red", "blue"][i % 2]])
-    return path
 
 
 def _train(tmp: Path, out: Path, *flags: str, env: dict | None = None, torchrun: bool = False
@@ -41,32 +23,9 @@ def _train(tmp: Path, out: Path, *flags: str, env: dict | None = None, torchrun:
     files = [f"toy={_task_file(tmp / 'toy.csv', 0)}", f"toy2={_task_file(tmp / 'toy2.csv', 1)}"]
     tasks = [a for f in files[: 2 if "--two" in flags else 1] for a in ("--task-file", f)]
     flags = tuple(f for f in flags if f != "--two")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-              str(_free_port())] if torchrun else [sys.executable]
-    cmd = [*launch, "-m", "mtpeft", "train", "--backbone", "tiny-bert", *tasks, "--out", str(out),
-           "--batch-size", "8", "--max-epochs", "2", "--lr", "5e-3", "--option", "r=4", "--option", "dropout=0",
-           "--accelerator", "cpu", "--json", *flags]
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
-        if not (env and k in env):
-            e.pop(k, None)
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=e, cwd=tmp, timeout=1200)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    from mtpeft.api import open_bank
-
-    bank, _ = open_bank(out)
-    return {f"{n}/{k}": p.detach().clone() for n in bank.names for k, p in bank.module_parameters(n).items()}
+    return run_mtpeft(["train", "--backbone", "tiny-bert", *tasks, "--out", out, "--batch-size", "8",
+                       "--max-epochs", "2", "--lr", "5e-3", "--option", "r=4", "--option", "dropout=0",
+                       "--accelerator", "cpu", "--json", *flags], tmp, env, torchrun)
 
 
 @pytest.mark.parametrize(("kind", "launcher"), [("expert", "lightning"), ("multitask", "lightning"),
@@ -143,14 +102,9 @@ def test_gates_train_on_two_processes_as_on_one(tmp_path):
         shutil.copytree(base, tmp_path / d)
 
     def gate(bank, *flags, env=None):
-        cmd = [sys.executable, "-m", "mtpeft", "gate", "--bank", str(bank), "--task-file", f"toy={tmp_path / 'toy.csv'}",
-               "--steps", "8", "--batch-size", "8", "--lr", "5e-2", "--accelerator", "cpu", "--json", *flags]
-        e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
-            e.pop(k, None)
-        return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**e, **(env or {})},
-                              cwd=tmp_path, timeout=1200)
+        return run_mtpeft(["gate", "--bank", bank, "--task-file", f"toy={tmp_path / 'toy.csv'}", "--steps", "8",
+                           "--batch-size", "8", "--lr", "5e-2", "--accelerator", "cpu", "--json", *flags],
+                          tmp_path, env)
 
     one, two = gate(tmp_path / "one"), gate(tmp_path / "two", "--devices", "2")
     assert one.returncode == 0, one.stderr[-3000:]

@@ -6,18 +6,16 @@ real processes (`python -m mtpeft continual --devices 2`)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from continual_util import task_specs
+from ddp_util import run_mtpeft
 
 pytestmark = pytest.mark.processes
 
-ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = "seqft,expert-oracle,replay,joint"
 
 
@@ -32,14 +30,8 @@ def _config(tmp: Path) -> Path:
 
 def _continual(tmp: Path, out: Path, *flags: str, env: dict | None = None, strategies: str = STRATEGIES
                ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mtpeft", "continual", "--config", str(_config(tmp)), "--out", str(out),
-           "--compare", strategies, "--accelerator", "cpu", "--json", *flags]
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MTPEFT_FAIL_RANK"):
-        e.pop(k, None)
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**e, **(env or {})}, cwd=tmp,
-                          timeout=1800)
+    return run_mtpeft(["continual", "--config", _config(tmp), "--out", out, "--compare", strategies,
+                       "--accelerator", "cpu", "--json", *flags], tmp, env, timeout=1800)
 
 
 def _files(out: Path) -> list[str]:
@@ -71,6 +63,25 @@ def test_two_processes_give_the_report_of_one(tmp_path):
         for a, b in zip(st1["matrix"]["R"], st2["matrix"]["R"], strict=True):
             assert all(abs(x - y) <= 1 / 16 + 1e-9 for x, y in zip(a, b, strict=True)), (s, a, b)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")  # rank zero wrote what one process writes
+
+
+def test_conpet_strategies_on_two_processes_give_the_report_of_one(tmp_path):
+    """ConPET's strategies: the experts and conpet-static's shared module train by DDP; the k-means memory and
+    conpet-dynamic's selector (a short plain loop over the memory) are computed whole on every rank, the same
+    seeded computation; the report is one process's."""
+    strategies = "conpet-static,conpet-dynamic"
+    one = _continual(tmp_path, tmp_path / "one", strategies=strategies)
+    two = _continual(tmp_path, tmp_path / "two", "--devices", "2", strategies=strategies)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    assert set(r1["strategies"]) == set(r2["strategies"]) == set(strategies.split(","))
+    for s in r1["strategies"]:
+        st1, st2 = (json.loads((tmp_path / d / "runs" / s / "seed0" / "state.json").read_text()) for d in ("one", "two"))
+        assert [t["steps"] for t in st1["timings"]] == [t["steps"] for t in st2["timings"]]
+        for a, b in zip(st1["matrix"]["R"], st2["matrix"]["R"], strict=True):
+            assert all(abs(x - y) <= 1 / 16 + 1e-9 for x, y in zip(a, b, strict=True)), (s, a, b)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
 
 def test_a_failing_rank_leaves_the_last_finished_task_for_resume(tmp_path):

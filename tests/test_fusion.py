@@ -290,6 +290,15 @@ def test_cli_adapt_fusion_keeps_the_router_with_the_bank(adapter_bank, tmp_path,
     rep = json.loads(out)
     assert rep["runs"][0]["method"] == "fusion" and rep["runs"][0]["module"] == "target.adapt.k2.s0.fusion"
     assert (tmp_path / "bank" / "routers" / "target.adapt.k2.s0.fusion" / "router.safetensors").is_file()
+    # `mtpeft eval --router` scores through the saved fusion: the accuracy the report gave
+    rc = main(["eval", "--bank", str(tmp_path / "bank"), "--task-file", f"target={csv}", "--router",
+               "target.adapt.k2.s0.fusion", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out)["results"][0]["accuracy"] == rep["runs"][0]["accuracy"]
+    assert main(["eval", "--bank", str(tmp_path / "bank"), "--task-file", f"target={csv}", "--router", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "has no router 'nope'" in err and "saved routers: target.adapt.k2.s0.fusion" in err
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------

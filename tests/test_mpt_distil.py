@@ -247,6 +247,8 @@ def test_adapt_trains_the_target_factors(tune_shared):
     ({"sources": ["a"], "targets": ["a"]}, "appear twice"),
     ({"sources": ["a"], "teacher": {"max_epochs": -1, "max_steps": -1}}, "without end"),
     ({"sources": ["a"], "shared_init": "zeros"}, "shared_init"),
+    ({"sources": ["a"], "devices": 0}, "devices = 0"),
+    ({"sources": ["a"], "strategy": "fsdp"}, "strategy = 'fsdp'"),
     ([1], "must hold a mapping"),
 ])
 def test_bad_configs_refused(conf, msg):

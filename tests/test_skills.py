@@ -249,6 +249,8 @@ def test_cli_trains_poly_skills_and_eval_routes_through_the_matrix(tmp_path, cap
     ev = run_json(capsys, "eval", "--bank", bank, "--task-file", f"ta={a}", "--task-file", f"tb={b}")
     assert [(r["module"], r["accuracy"]) for r in ev["results"]] == \
         [("skills", r["accuracy"]) for r in got["results"]]
+    named = run_json(capsys, "eval", "--bank", bank, "--task-file", f"ta={a}", "--router", "skills")
+    assert named["results"][0]["accuracy"] == got["results"][0]["accuracy"]
     from test_cli import error_of
 
     assert "add --multitask" in error_of(capsys, "train", "--backbone", "tiny-bert", "--router", "mhr",

@@ -126,7 +126,7 @@ def expert_fisher(bank, scorer, experts: list[str], tasks: dict, budget: Budget,
     return out, computed
 
 
-def _target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, log) -> dict:
+def _target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, log, parallel=None) -> dict:
     """The target's Fisher embedding from a probe LoRA (the experts' configuration) trained ``probe_steps`` on the
     shots, then the similarity matrix of experts + target."""
     from .methods.base import fit_module
@@ -136,7 +136,7 @@ def _target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, l
     bank.freeze()
     bank.add(probe, rec.type, dict(rec.config), task=few.name, seed=seed, metadata={"adapt": "probe"})
     try:
-        ctx = AdaptContext(bank, scorer, few, experts, seed, budget, probe)
+        ctx = AdaptContext(bank, scorer, few, experts, seed, budget, probe, parallel=parallel)
         fit_module(ctx, probe, steps=budget.probe_steps)
         target = fisher_embedding(bank, scorer, few, probe, batch_size=budget.batch_size, max_batches=None, seed=seed)
     finally:
@@ -149,12 +149,16 @@ def _target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, l
     return {"names": names, "matrix": [[round(float(x), 6) for x in row] for row in S], "to_target": to_target}
 
 
-def _routed_accuracy(bank, scorer, task, router) -> float:
-    from ..train import predict
+def _accuracy(bank, scorer, task, module: str | None = None, router=None) -> float:
+    """Test accuracy of ``module`` or through ``router`` (AdapterFusion); on several processes each rank scores
+    its share of the split (a collective) and every rank gets the whole split's accuracy."""
+    from ..distributed import eval_shard
+    from ..train import evaluate, split_accuracy
 
+    if router is None:
+        return evaluate(bank, scorer, task, module, shard=eval_shard())["accuracy"]
     router.eval()
-    preds, labels = predict(bank, scorer, task, lambda n: router)
-    return int((preds == labels).sum()) / len(labels) if len(labels) else 0.0
+    return split_accuracy(bank, scorer, task, lambda n: router, shard=eval_shard())["accuracy"]
 
 
 def _stat(xs: list[float]) -> dict:
@@ -203,14 +207,18 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
               experts: Sequence[str] | None = None, source_tasks: dict | None = None, out: str | Path | None = None,
               keep: bool = False, max_examples: int | None = None, log: Callable[[str], None] | None = None,
               save: Callable[[list[str]], None] | None = None, skills=None,
-              save_router: Callable[[str, object], None] | None = None) -> dict:
+              save_router: Callable[[str, object], None] | None = None, parallel=None, writer: bool = True) -> dict:
     """Few-shot transfer of the bank's experts to ``task`` (see the module doc). ``source_tasks``: the experts'
     task data by name where not built in (for their Fisher embeddings). ``save(names)``: called after each kept
     module and after computing expert embeddings when ``keep`` (writes the bank); ``save_router(name, router)``:
     after each kept result that is a router (AdapterFusion), e.g. into ``BANK/routers/<name>/``. ``skills``: the
-    router of the bank's skills (``mtpeft.skills.load_skills``), for poly, mhr-z and mhr-mu; left as it was."""
+    router of the bank's skills (``mtpeft.skills.load_skills``), for poly, mhr-z and mhr-mu; left as it was.
+
+    ``parallel`` (``mtpeft.distributed.Parallel``): every fit on several processes (Lightning DDP) and every test
+    split scored in shares. Every rank runs this same function, reading ``out`` to resume; only the ``writer``
+    (rank zero) writes the report and the heatmaps (give the others no ``save``/``save_router``). LoraHub's search
+    and the Fisher embeddings are computed whole on every rank (the same seeded computation: the same result)."""
     from ..io import write_json
-    from ..train import evaluate
 
     log = log or (lambda msg: None)
     budget = budget or Budget()
@@ -223,15 +231,22 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
     for impl in impls.values():
         impl.check(bank, experts)
     skills = check_skills(bank, skills, task.name) if any(i.needs_skills for i in impls.values()) else None
+    if parallel is not None:
+        parallel.check_batch(budget.batch_size)
     out = Path(out) if out is not None else None
+    write = out is not None and writer
     key = _key(task, experts, methods, shots, seeds, budget, max_examples, skills)
     old = _resume(out, key)
     embs, computed = {}, []
     if any(i.uses_similarity for i in impls.values()):
         embs, computed = expert_fisher(bank, scorer, experts, source_tasks or {}, budget, log=log)
-        if keep and computed and save is not None:
-            save(computed)
-    zero = evaluate(bank, scorer, task, None)["accuracy"]
+    # the computed embeddings are saved at once; on several processes with the first kept module instead, after
+    # a collective fit, when every rank has read the bank (a rank started by torchrun may still be reading it)
+    pending = list(computed) if keep and save is not None else []
+    if pending and not (parallel is not None and parallel.distributed):
+        save(pending)
+        pending = []
+    zero = _accuracy(bank, scorer, task)
     report = {"format": FORMAT, "key": key, "task": task.name, "shots": shots, "seeds": seeds, "methods": methods,
               "experts": experts, "budget": dataclasses.asdict(budget), "test_n": len(task.splits["test"]),
               "baselines": {"zero_shot": zero, "majority": task.majority_baseline("test")},
@@ -252,9 +267,10 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
 
             def similarity(few=few, prefix=prefix, seed=seed, tag=tag, cache=cache):
                 if not cache:
-                    cache.update(_target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, log))
+                    cache.update(_target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, log,
+                                                    parallel))
                     report["similarity"][tag] = {k2: v for k2, v in cache.items() if k2 != "to_target"}
-                    if out is not None:
+                    if write:
                         out.mkdir(parents=True, exist_ok=True)
                         S = torch.tensor(cache["matrix"])
                         p = plot_similarity(cache["names"], S, out / f"similarity-{tag}.png",
@@ -269,7 +285,7 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
                 if name in bank:
                     raise MtpeftError(f"the bank already holds a module {name!r} (kept by an earlier run); remove it "
                                       f"(`mtpeft bank rm BANK {name}`) or adapt into another bank")
-                ctx = AdaptContext(bank, scorer, few, experts, seed, budget, name, similarity, log, skills)
+                ctx = AdaptContext(bank, scorer, few, experts, seed, budget, name, similarity, log, skills, parallel)
                 t0 = time.perf_counter()
                 try:
                     res = impls[m].run(ctx)
@@ -277,17 +293,16 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
                     if name in bank:
                         bank.remove(name)
                     raise
-                if res.router is not None:  # scored through the router (AdapterFusion), no module of its own
-                    acc = _routed_accuracy(bank, scorer, few, res.router)
-                else:
-                    acc = evaluate(bank, scorer, few, res.module)["accuracy"]
+                # AdapterFusion: scored through its router, no module of its own
+                acc = _accuracy(bank, scorer, few, res.module if res.router is None else None, res.router)
                 secs = round(time.perf_counter() - t0, 2)
                 if res.router is not None:
                     if keep and save_router is not None:
                         save_router(res.module, res.router)
                 elif keep:
                     if save is not None:
-                        save([res.module])
+                        save([*pending, res.module])
+                        pending = []
                 else:
                     bank.remove(res.module)
                 row = {"method": m, "shots": k, "seed": seed, "accuracy": acc, "trainable": res.trainable,
@@ -296,12 +311,14 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
                 report["runs"].append(row)
                 log(f"{m} {k} shots seed {seed}: accuracy {acc:.4f} ({res.trainable} parameters, {secs} s)")
                 report["summary"] = summarise(report["runs"], methods, shots)
-                if out is not None:
+                if write:
                     out.mkdir(parents=True, exist_ok=True)
                     write_json(out / REPORT, report)
+    if pending:  # no module was kept (e.g. fusion alone): the embeddings are saved now
+        save(pending)
     report["summary"] = summarise(report["runs"], methods, shots)
     report["complete"] = True
-    if out is not None:
+    if write:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / REPORT, report)
     return report

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from ..errors import MtpeftError
-from .common import _file_options, _task_args, emit
+from .common import _file_options, _task_args, emit, parallel_args
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -85,6 +85,10 @@ def cmd_adapt(args):
         raise MtpeftError(f"--out {args.out} is a file; give a directory for adapt-report.json and the heatmaps")
     _check_bank(args.bank)
     budget = _budget(args)
+    from ..distributed import Parallel
+
+    parallel = Parallel(args.devices, args.num_nodes, args.strategy, args.accelerator)
+    parallel.check_batch(budget.batch_size)
     experts = None if args.experts is None else [s.strip() for s in args.experts.split(",") if s.strip()]
     task = _one_task(args, ([args.task] if args.task else []) + list(args.task_file or []))
     from ..suite import load_task
@@ -96,18 +100,28 @@ def cmd_adapt(args):
     from ..adapt import run_adapt
     from ..api import open_bank
     from ..bank import locked
+    from ..distributed import global_rank, rank_failure
 
-    log = None if args.json else (lambda msg: print(msg, flush=True))
-    with locked(args.bank) if args.keep else contextlib.nullcontext():
+    rank = global_rank(parallel.devices) if parallel.distributed else 0
+    writer = rank == 0  # on several processes every rank adapts and scores its share; rank zero alone writes
+    log = None if args.json or not writer else (lambda msg: print(msg, flush=True))
+    with locked(args.bank) if args.keep and writer else contextlib.nullcontext():
         bank, scorer = open_bank(args.bank)
-        save = (lambda names: bank.save(args.bank, only=list(names))) if args.keep else None
+        keep = args.keep and writer
+        save = (lambda names: bank.save(args.bank, only=list(names))) if keep else None
         skills = _skills_router(args, bank, methods)
         from ..skills.core import router_dir
 
-        save_router = (lambda name, r: r.save(router_dir(args.bank, name))) if args.keep else None
-        report = run_adapt(bank, scorer, task, shots, methods, seeds, budget, experts=experts, source_tasks=sources,
-                           out=args.out, keep=args.keep, max_examples=args.max_examples, log=log, save=save,
-                           skills=skills, save_router=save_router)
+        save_router = (lambda name, r: r.save(router_dir(args.bank, name))) if keep else None
+        with rank_failure(parallel, rank, f"The report {args.out or '(no --out)'}", "mtpeft adapt",
+                          again="the runs finished before the failure are in the report (with --out); the same "
+                                "`mtpeft adapt --out` command resumes after them (on any number of processes)"):
+            report = run_adapt(bank, scorer, task, shots, methods, seeds, budget, experts=experts,
+                               source_tasks=sources, out=args.out, keep=args.keep, max_examples=args.max_examples,
+                               log=log, save=save, skills=skills, save_router=save_router, parallel=parallel,
+                               writer=writer)
+    if not writer:
+        return
     report["bank"] = str(args.bank)
     rows = table_rows(report)
     emit(args, report, rows, ["method", "params", *[f"{k} shots" for k in report["shots"]]],
@@ -233,6 +247,7 @@ def add_parser(sub) -> None:
     s.add_argument("--keep", action="store_true",
                    help="keep each method's module (and computed Fisher embeddings) in the bank, saved")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parallel_args(s)
     s.set_defaults(func=cmd_adapt)
 
     e = sub.add_parser("embed", help="store each expert's Fisher task embedding in the bank (for pi-tuning)",

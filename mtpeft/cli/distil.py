@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MtpeftError
-from .common import emit
+from .common import emit, parallel_args
 
 DEFAULT_CONFIG = "configs/mpt-distil.yaml"
 
@@ -22,13 +22,26 @@ def cmd_distil(args):
 
     _positive("--max-steps", args.max_steps)
     _positive("--max-examples", args.max_examples)
+    from ..distributed import global_rank, rank_failure
+
     cfg = load_distil_config(args.config)
     if args.backbone is not None:
         cfg.backbone = args.backbone
+    for k in ("devices", "num_nodes", "strategy", "accelerator"):  # the flags win over the config
+        if getattr(args, k) is not None:
+            setattr(cfg, k, getattr(args, k))
+    parallel = cfg.parallel()  # fsdp refused, every budget's global batch split evenly over the ranks
+    rank = global_rank(parallel.devices) if parallel.distributed else 0
     check_writable_dir(args.out, "--out")
     default_threads()
-    report = run_distil(cfg, args.out, targets=args.target, max_steps=args.max_steps,
-                        max_examples=args.max_examples, progress=not args.json)
+    with rank_failure(parallel, rank, f"The bank {args.out}", "mtpeft distil",
+                      again="every stage finished before the failure (teachers, student, baselines, targets) is "
+                            "kept; the same `mtpeft distil` command finishes the run (on any number of processes)"):
+        report = run_distil(cfg, args.out, targets=args.target, max_steps=args.max_steps,
+                            max_examples=args.max_examples, progress=not args.json and rank == 0,
+                            writer=rank == 0)
+    if rank != 0:
+        return
     rows = [{**r, "kind": "source"} for r in report["sources"]]
     rows += [{"task": r["task"], "kind": f"target ({r['init']})", "student": r["mpt"],
               "prompt_eq": r["prompt_scratch"]} for r in report["targets"]]
@@ -52,4 +65,5 @@ def add_parser(sub) -> None:
     s.add_argument("--max-examples", type=int, default=None, help="cap every split at N examples (quick runs)")
     s.add_argument("--max-steps", type=int, default=None, help="cap every fit at N optimiser steps")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parallel_args(s, unset=True)  # None: the config's devices, num_nodes, strategy, accelerator (or 1, 1, auto, auto)
     s.set_defaults(func=cmd_distil)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import MtpeftError
 from .common import _common, _load_tasks, _module_for_task, _task_args, emit
 
 
@@ -36,7 +37,18 @@ def cmd_eval(args):
     from ..train import evaluate
 
     tasks = _load_tasks(args)
+    if args.router and args.module:
+        raise MtpeftError("--router and --module both say what serves the tasks; give one")
     bank, scorer = open_bank(args.bank)
+    if args.router:  # a saved router (AdapterFusion, or Poly/MHR skills) serves every task
+        from ..skills import evaluate_router, load_router
+
+        router = load_router(bank, args.bank, args.router)
+        rows = [dict(module=args.router, **evaluate_router(bank, scorer, t, router, split=args.split, progress=True))
+                for t in tasks]
+        emit(args, {"bank": str(args.bank), "results": rows}, rows,
+             ["task", "module", "split", "n", "accuracy", "majority"])
+        return
     rows = []
     for t in tasks:
         skills = None if args.module else skills_for_task(args.bank, t.name)
@@ -69,5 +81,8 @@ def add_parser(sub) -> None:
     _common(s, backbone=False)
     s.add_argument("--module", default=None, help="module to route to (default: the skills that route the task, else the "
                    "module trained on it)")
+    s.add_argument("--router", default=None, metavar="NAME",
+                   help="route every task through the router saved in BANK/routers/NAME/: an AdapterFusion "
+                   "(`mtpeft adapt --methods fusion --keep`) or a Poly/MHR skills inventory")
     s.add_argument("--split", default="test", choices=["train", "validation", "test"])
     s.set_defaults(func=cmd_eval)

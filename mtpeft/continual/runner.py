@@ -37,8 +37,7 @@ def _stream(conf: dict, seed: int) -> Stream:
 def _train_config(conf: dict, seed: int, logs: Path | None, parallel=None):
     from ..train import TrainConfig
 
-    par = {} if parallel is None else {"devices": parallel.devices, "num_nodes": parallel.num_nodes,
-                                       "strategy": parallel.strategy, "accelerator": parallel.accelerator}
+    par = {} if parallel is None else parallel.fields()
     return TrainConfig(lr=conf["lr"], batch_size=conf["batch_size"], max_epochs=conf["max_epochs"],
                        max_steps=conf["max_steps"], patience=conf["patience"], seed=seed, progress=False,
                        run_dir=None if logs is None else str(logs), **par)

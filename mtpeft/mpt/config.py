@@ -3,7 +3,8 @@
 Top level: ``backbone``, ``sources`` (tasks distilled into the student), ``targets`` (held-out tasks for the
 target stage), ``max_examples``, ``seed``, ``max_length`` (input tokens kept by the scorer), ``n_tokens``, ``rank``, ``shared`` (the shared prompt's name),
 ``shared_init`` (``teachers``: the mean of the teachers' prompts; ``random``), ``sampling`` (the source
-mixture), ``baseline`` (also train single-task prompts at the student's and the target's budgets), and the
+mixture), ``baseline`` (also train single-task prompts at the student's and the target's budgets), where the
+fits run (``devices``, ``num_nodes``, ``strategy``, ``accelerator``: Lightning DDP, docs/scale-out.md), and the
 sections ``teacher``, ``student``, ``target`` (budgets: ``lr``, ``batch_size``, ``max_epochs``,
 ``max_steps``, ``patience``; ``target`` also ``init`` and ``tune_shared``) and ``loss`` (``task``, ``kl``,
 ``mse`` weights, ``temperature``, ``hidden``).
@@ -60,6 +61,11 @@ KEYS: dict[str, dict[str, tuple]] = {
         "shared_init": (_one_of(("teachers", "random")), "teachers or random", "teachers"),
         "sampling": (_one_of(SAMPLINGS), "one of " + ", ".join(SAMPLINGS), "temperature"),
         "baseline": (lambda v: isinstance(v, bool), "true or false", "true"),
+        # where every fit runs (Lightning DDP, docs/scale-out.md); --devices etc. on the command line win
+        "devices": (_int(1), "a positive integer (processes or GPUs per node)", "2"),
+        "num_nodes": (_int(1), "a positive integer", "1"),
+        "strategy": (_one_of(("auto", "ddp")), "auto or ddp (fsdp is refused, docs/scale-out.md)", "ddp"),
+        "accelerator": (_one_of(("auto", "cpu", "gpu", "cuda")), "auto, cpu, gpu or cuda", "cpu"),
     },
     "teacher": BUDGET,
     "student": BUDGET,
@@ -82,12 +88,14 @@ class Budget:
     max_steps: int = 150
     patience: int = 3
 
-    def train_config(self, seed: int, progress: bool = True, max_steps: int | None = None):
+    def train_config(self, seed: int, progress: bool = True, max_steps: int | None = None, parallel=None):
+        """The fit's ``TrainConfig``; ``parallel`` (``mtpeft.distributed.Parallel``): where it runs."""
         from ..train import TrainConfig
 
         steps = self.max_steps if max_steps is None else max_steps
         return TrainConfig(lr=float(self.lr), batch_size=self.batch_size, max_epochs=self.max_epochs,
-                           max_steps=steps, patience=self.patience, seed=seed, progress=progress)
+                           max_steps=steps, patience=self.patience, seed=seed, progress=progress,
+                           **({} if parallel is None else parallel.fields()))
 
 
 @dataclass
@@ -119,10 +127,23 @@ class DistilConfig:
     shared_init: str = "teachers"
     sampling: str = "temperature"
     baseline: bool = True
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
     teacher: Budget = field(default_factory=Budget)
     student: Budget = field(default_factory=lambda: Budget(max_steps=300))
     target: TargetSettings = field(default_factory=TargetSettings)
     loss: LossSettings = field(default_factory=LossSettings)
+
+    def parallel(self):
+        """Where every fit of the run runs (``mtpeft.distributed.Parallel``); each budget's batch_size is the
+        global batch and must split evenly over the ranks."""
+        from ..distributed import Parallel
+
+        p = Parallel(self.devices, self.num_nodes, self.strategy, self.accelerator)
+        p.check_batches(**{f"{k}.batch_size": getattr(self, k).batch_size for k in ("teacher", "student", "target")})
+        return p
 
     def module_config(self) -> dict[str, Any]:
         return {"n_tokens": self.n_tokens, "rank": self.rank, "shared": self.shared}

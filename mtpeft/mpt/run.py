@@ -9,6 +9,7 @@ share of the teachers' mean accuracy, its per-task parameters as a share of a te
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..errors import MtpeftError
@@ -19,16 +20,19 @@ REPORT = "distil-report.json"
 
 
 def _acc(bank, scorer, task, module: str | None) -> float | None:
+    """Test accuracy of ``module``; on several processes each rank scores its share (a collective)."""
+    from ..distributed import eval_shard
     from ..train import evaluate
 
-    return None if module is None else round(evaluate(bank, scorer, task, module)["accuracy"], 4)
+    return None if module is None else round(evaluate(bank, scorer, task, module, shard=eval_shard())["accuracy"], 4)
 
 
 def _floor(bank, scorer, task) -> dict:
     """The baselines beside every row: the bare backbone (zero-shot) and the majority class, on the test split."""
+    from ..distributed import eval_shard
     from ..train import evaluate
 
-    r = evaluate(bank, scorer, task, None)
+    r = evaluate(bank, scorer, task, None, shard=eval_shard())
     return {"zero_shot": round(r["accuracy"], 4), "majority": round(r["majority"], 4)}
 
 
@@ -42,7 +46,7 @@ def _baseline(bank, scorer, task, cfg: DistilConfig, budget, max_steps, progress
     if name in bank.names:
         return name, dict(bank.record(name).metrics)
     m = fit_expert(bank, scorer, task, name, "prompt", {"n_tokens": cfg.n_tokens},
-                   budget.train_config(cfg.seed, progress, max_steps))
+                   budget.train_config(cfg.seed, progress, max_steps, cfg.parallel()))
     return name, m
 
 
@@ -59,10 +63,15 @@ def parameters(bank, cfg: DistilConfig, n_sources: int) -> dict:
 
 
 def run_distil(cfg: DistilConfig, out: str | Path, *, targets: list[str] | None = None, max_steps: int | None = None,
-               max_examples: int | None = None, progress: bool = True, bank_and_scorer=None) -> dict:
+               max_examples: int | None = None, progress: bool = True, bank_and_scorer=None,
+               writer: bool = True) -> dict:
     """Teachers (where missing), the student (unless the bank has it), baselines, the target stage; saved to
     ``out`` after each stage. ``targets`` overrides ``cfg.targets``; ``max_steps`` and ``max_examples`` cap
-    every fit and every split."""
+    every fit and every split.
+
+    On several processes (``cfg.devices`` ...) every rank runs this same function: the fits are DDP and the
+    evaluations sharded (collectives), and only the ``writer`` (rank zero) holds the bank's lock and writes the
+    bank and the report; the others follow from the bank as it was on disk when they started."""
     from ..api import check_bank_target, check_input_room, load_bank_or_new
     from ..bank import locked
     from ..io import write_json
@@ -76,28 +85,31 @@ def run_distil(cfg: DistilConfig, out: str | Path, *, targets: list[str] | None 
     clash = sorted(set(targets) & set(cfg.sources))
     if clash:
         raise MtpeftError(f"target task(s) {clash} are also sources; a target is a task held out from the sources")
-    with locked(out):
+    cfg.parallel()  # the settings and every budget's global batch checked before the backbone loads
+    with locked(out) if writer else contextlib.nullcontext():
         bank, scorer = bank_and_scorer or load_bank_or_new(cfg.backbone, out)
+        save = (lambda: bank.save(out)) if writer else (lambda: None)
         if cfg.max_length is not None:
             scorer.max_length = cfg.max_length
         check_input_room(bank, scorer, "mpt", MPTConfig(**cfg.module_config()))
         sources = [load_task(s, max_examples=cap, seed=cfg.seed) for s in cfg.sources]
         tasks_t = [load_task(s, max_examples=cap, seed=cfg.seed) for s in targets]
         teachers = train_teachers(bank, scorer, sources, cfg, max_steps, progress)
-        bank.save(out)
+        save()
         student = _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out)
-        bank.save(out)
+        save()
         rows, target_rows = [], []
         for t in sources:  # each baseline saved as soon as it is trained
             rows.append(_source_row(bank, scorer, t, teachers[t.name], cfg, max_steps, progress, len(sources)))
-            bank.save(out)
+            save()
         for t in tasks_t:
             target_rows.append(_target_row(bank, scorer, t, sources, cfg, max_steps, progress))
-            bank.save(out)
+            save()
         report = {"bank": str(out), "config": config_dict(cfg), "teachers": teachers, "student": student,
                   "sources": rows, "targets": target_rows, "parameters": parameters(bank, cfg, len(sources)),
                   "summary": summary(rows, target_rows), "peft_task_order": [student_name(t.name) for t in sources]}
-        write_json(out / REPORT, report)
+        if writer:
+            write_json(out / REPORT, report)
     return report
 
 

@@ -46,7 +46,7 @@ def train_teachers(bank, scorer, tasks: Sequence, cfg: DistilConfig, max_steps: 
             continue
         name = f"{t.name}-teacher"
         m = fit_expert(bank, scorer, t, name, "prompt", {"n_tokens": cfg.n_tokens},
-                       cfg.teacher.train_config(cfg.seed, progress, max_steps))
+                       cfg.teacher.train_config(cfg.seed, progress, max_steps, cfg.parallel()))
         out[t.name] = {"module": name, "trained": True, "steps": m["steps"]}
     return out
 
@@ -91,7 +91,8 @@ def distil(bank, scorer, tasks: Sequence, teachers: dict[str, str], cfg: DistilC
         objective = Distillation({t.name: teachers[t.name] for t in tasks}, task=loss.task, kl=loss.kl,
                                  mse=loss.mse, temperature=loss.temperature, hidden=loss.hidden)
         metrics = fit_phase(bank, scorer, tasks, TaskIdRouter(dict(zip((t.name for t in tasks), names))),
-                            cfg.student.train_config(cfg.seed, progress, max_steps), objective=objective,
+                            cfg.student.train_config(cfg.seed, progress, max_steps, cfg.parallel()),
+                            objective=objective,
                             name="mpt-student", sampling=cfg.sampling)
     except BaseException:
         for n in names:
@@ -190,7 +191,7 @@ def adapt(bank, scorer, task, sources: Sequence, cfg: DistilConfig, max_steps: i
         bank.unfreeze(name)
         P.requires_grad_(tc.tune_shared)
         metrics = fit_phase(bank, scorer, [task], TaskIdRouter({task.name: name}),
-                            tc.train_config(cfg.seed, progress, max_steps), name=name)
+                            tc.train_config(cfg.seed, progress, max_steps, cfg.parallel()), name=name)
     except BaseException:
         bank.remove(name)
         raise

@@ -72,11 +72,13 @@ class Budget:
             raise MtpeftError(f"unknown adapt budget key(s) {bad}; known: {', '.join(known)}")
         return cls(**d)
 
-    def train_config(self, seed: int, steps: int | None = None):
+    def train_config(self, seed: int, steps: int | None = None, parallel=None):
+        """A fit's ``TrainConfig``; ``parallel`` (``mtpeft.distributed.Parallel``): where it runs (DDP)."""
         from ...train import TrainConfig
 
         return TrainConfig(lr=self.lr, batch_size=self.batch_size, max_epochs=100_000, max_steps=steps or self.steps,
-                           patience=self.patience, seed=seed, progress=self.progress)
+                           patience=self.patience, seed=seed, progress=self.progress,
+                           **({} if parallel is None else parallel.fields()))
 
 
 @dataclass
@@ -101,6 +103,11 @@ class AdaptContext:
     similarity: Callable[[], dict] | None = None  # pi-tuning's Fisher similarity (computed once, shared)
     log: Callable[[str], None] = lambda msg: None
     skills: Any = None  # the skills' router (a PolyRouter) for the methods that adapt skills; else None
+    parallel: Any = None  # where every fit runs (mtpeft.distributed.Parallel; None: this one process)
+
+    def train_config(self, steps: int | None = None):
+        """The budget's ``TrainConfig`` for a fit of this context (its seed, its processes)."""
+        return self.budget.train_config(self.seed, steps, self.parallel)
 
     @property
     def expert_type(self) -> str:
@@ -157,7 +164,7 @@ def fit_module(ctx: AdaptContext, name: str, steps: int | None = None, router=No
 
     router = router if router is not None else TaskIdRouter({ctx.task.name: name})
     try:
-        return fit_phase(ctx.bank, ctx.scorer, [ctx.task], router, ctx.budget.train_config(ctx.seed, steps),
+        return fit_phase(ctx.bank, ctx.scorer, [ctx.task], router, ctx.train_config(steps),
                          router_lr=router_lr, name=fit_name or name)
     finally:
         ctx.bank.freeze()

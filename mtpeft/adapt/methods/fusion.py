@@ -29,7 +29,7 @@ class Fusion(AdaptMethod):
 
         adapters = fusable(ctx.bank, ctx.experts)
         router = add_fusion(ctx.bank, adapters, seed=ctx.seed)
-        m = fit_fusion(ctx.bank, ctx.scorer, [ctx.task], router, ctx.budget.train_config(ctx.seed),
+        m = fit_fusion(ctx.bank, ctx.scorer, [ctx.task], router, ctx.train_config(),
                        name=ctx.module_name)
         reg = float(router.regulariser())
         ctx.log(f"fusion over {adapters}: ||V - I||^2 = {reg:.4g} after {m['steps']} steps")
