@@ -108,4 +108,12 @@ def test_the_global_batch_must_split_evenly(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["continual", "--config", str(_config(tmp_path)), "--out", str(out), "--devices", "3"]) == 2
     assert "batch_size 8 is the global batch" in capsys.readouterr().err
+    # the same from the config (devices: 3); a bad value there is named
+    conf = json.loads(_config(tmp_path).read_text())
+    (tmp_path / "c3.json").write_text(json.dumps({**conf, "devices": 3}))
+    assert main(["continual", "--config", str(tmp_path / "c3.json"), "--out", str(out)]) == 2
+    assert "with 3 processes" in capsys.readouterr().err
+    (tmp_path / "c0.json").write_text(json.dumps({**conf, "devices": 0}))
+    assert main(["continual", "--config", str(tmp_path / "c0.json"), "--out", str(out)]) == 2
+    assert "'devices' is 0; give a positive integer" in capsys.readouterr().err
     assert not out.exists()

@@ -49,6 +49,9 @@ def resolve(args) -> tuple[dict, list[str], list[int]]:
     if any(s < 0 for s in seeds):
         raise MtpeftError(f"--seeds {args.seeds}: seeds are integers >= 0")
     over["seeds"] = seeds
+    for k in ("devices", "num_nodes", "dist_strategy", "accelerator"):  # the flags win over the config
+        if getattr(args, k, None) is not None:
+            over[k] = getattr(args, k)
     conf = check_config({**conf, **over}, "the run's settings")
     if args.strategy is not None and args.compare is not None:
         raise MtpeftError("give --strategy NAME (one strategy) or --compare A,B,... (several), not both")
@@ -105,9 +108,9 @@ def cmd_continual(args):
     from ..train import default_threads
 
     conf, strategies, seeds = resolve(args)
-    parallel = Parallel(args.devices, args.num_nodes, args.dist_strategy, args.accelerator)
+    parallel = Parallel(conf["devices"], conf["num_nodes"], conf["dist_strategy"], conf["accelerator"])
     parallel.check_batch(conf["batch_size"], "batch_size")
-    rank = global_rank(args.devices) if parallel.distributed else 0
+    rank = global_rank(parallel.devices) if parallel.distributed else 0
     check_writable_dir(args.out, "--out")
     default_threads()
     command = command_line(args)
@@ -154,5 +157,6 @@ def add_parser(sub):
                    help="MbPA++ local adaptation at test for the strategies that take it (replay, conpet-static): "
                         "a few steps on each input's memory neighbours, then the stored module back")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
-    parallel_args(p, "--dist-strategy", "dist_strategy")  # --strategy names the continual strategy
+    parallel_args(p, "--dist-strategy", "dist_strategy", unset=True)  # --strategy: the continual strategy; None:
+    # the config's devices, num_nodes, dist_strategy, accelerator (or 1, 1, auto, auto)
     p.set_defaults(func=cmd_continual)

@@ -5,7 +5,8 @@ Keys: ``backbone``; the stream (``stream: tweets | mixed``, or ``tasks: [...]`` 
 (what a bare ``--compare`` runs); ``strategies`` (options per strategy name); ``module`` and ``options``
 (every module a strategy adds); ``memory`` (``capacity``, ``policy``); the caps ``max_train`` and
 ``max_eval`` (per task: the train split, the validation and test splits); the training budget ``lr``,
-``batch_size``, ``max_epochs``, ``max_steps``, ``patience``; ``seeds``.
+``batch_size``, ``max_epochs``, ``max_steps``, ``patience``; ``seeds``; where the fits run (``devices``,
+``num_nodes``, ``dist_strategy``, ``accelerator``: Lightning DDP; a resumed run may change them).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ DEFAULTS = {
     "module": "lora", "options": {}, "memory": {"capacity": 500, "policy": "task-balanced"},
     "max_train": 400, "max_eval": 200, "lr": 2e-3, "batch_size": 16, "max_epochs": 20, "max_steps": 60,
     "patience": 3, "seeds": [0],
+    # where every fit runs (Lightning DDP, docs/scale-out.md); the --devices ... flags win over them
+    "devices": 1, "num_nodes": 1, "dist_strategy": "auto", "accelerator": "auto",
 }
 
 
@@ -54,6 +57,10 @@ CHECKS = {  # key: (valid?, what to give)
     "patience": (lambda v: _int(v, 0), "an integer >= 0"),
     "seeds": (lambda v: isinstance(v, list) and v and all(_int(s, 0) for s in v) and len(set(v)) == len(v),
               "a list of distinct integers >= 0, e.g. [0, 1, 2]"),
+    "devices": (lambda v: _int(v, 1), "a positive integer (processes or GPUs per node), e.g. 2"),
+    "num_nodes": (lambda v: _int(v, 1), "a positive integer, e.g. 1"),
+    "dist_strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (fsdp is refused, docs/scale-out.md)"),
+    "accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda"), "auto, cpu, gpu or cuda"),
 }
 
 

@@ -43,8 +43,9 @@ def _train_config(conf: dict, seed: int, logs: Path | None, parallel=None):
                        run_dir=None if logs is None else str(logs), **par)
 
 
-# Config keys that say what to run, not how: a resumed run may add strategies and seeds.
-WHAT_TO_RUN = ("strategy", "compare", "seeds")
+# Config keys that say what to run, or where, not how: a resumed run may add strategies and seeds, and run on
+# any number of processes.
+WHAT_TO_RUN = ("strategy", "compare", "seeds", "devices", "num_nodes", "dist_strategy", "accelerator")
 
 
 class ContinualRun:

@@ -36,6 +36,7 @@ class Budget:
     lr: float = 2e-3
     batch_size: int = 16
     patience: int = 1000  # validations without improvement before stopping (the validation set is the shots)
+    validations: int = 4  # per fit, evenly spaced (the last at the final step): the state kept is the best of them
     lorahub_evals: int = 40  # nevergrad evaluations of the few-shot loss
     lorahub_l1: float = 0.05  # weight of mean |w| in LoraHub's objective
     lorahub_bound: float = 1.5  # w in [-bound, bound]^N
@@ -49,7 +50,8 @@ class Budget:
     progress: bool = False
 
     def __post_init__(self):
-        for k in ("steps", "batch_size", "patience", "lorahub_evals", "top_k", "probe_steps", "fisher_batches"):
+        for k in ("steps", "batch_size", "patience", "validations", "lorahub_evals", "top_k", "probe_steps",
+                  "fisher_batches"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MtpeftError(f"{k} must be a positive integer, got {v!r}")
@@ -76,8 +78,12 @@ class Budget:
         """A fit's ``TrainConfig``; ``parallel`` (``mtpeft.distributed.Parallel``): where it runs (DDP)."""
         from ...train import TrainConfig
 
-        return TrainConfig(lr=self.lr, batch_size=self.batch_size, max_epochs=100_000, max_steps=steps or self.steps,
-                           patience=self.patience, seed=seed, progress=self.progress,
+        steps = steps or self.steps
+        # validating on the shots once an epoch would cost as much as training at 16 shots (an epoch is 3 steps):
+        # about `validations` times, every `every` steps, a divisor of the steps so the last step is validated
+        every = next(d for d in range(-(-steps // self.validations), steps + 1) if steps % d == 0)
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, max_epochs=100_000, max_steps=steps,
+                           patience=self.patience, seed=seed, progress=self.progress, val_check_interval=every,
                            **({} if parallel is None else parallel.fields()))
 
 
