@@ -47,11 +47,6 @@ class Parallel:
         return {"devices": self.devices, "num_nodes": self.num_nodes, "strategy": self.strategy,
                 "accelerator": self.accelerator}
 
-    def check_batches(self, **batches: int) -> None:
-        """Every named global batch splits evenly over the ranks (``check_batch`` of each, named by its key)."""
-        for flag, b in batches.items():
-            self.check_batch(b, flag)
-
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes

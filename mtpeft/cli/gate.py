@@ -63,8 +63,7 @@ def cmd_gate(args):
     parallel.check_batch(args.batch_size)
     rank = global_rank(args.devices) if parallel.distributed else 0
     cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, progress=not args.json and rank == 0,
-                      run_dir=None if args.run_dir is None else str(args.run_dir), devices=args.devices,
-                      num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator)
+                      run_dir=None if args.run_dir is None else str(args.run_dir), **parallel.fields())
     # every rank trains its share of each gate's batches; rank zero alone writes the bank (after each expert)
     save = (lambda name: bank.save(args.bank, only=[name])) if rank == 0 else None
     with rank_failure(parallel, rank, f"The bank {args.bank}", "mtpeft gate",

@@ -206,8 +206,7 @@ def _train_into(args, tasks, config, writer: bool = True):
         run.begin(bank)  # a new run writes its state; a resumed one drops its unfinished module
         cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
                           max_steps=args.max_steps, patience=args.patience, seed=args.seed, progress=True,
-                          run_dir=None if args.run_dir is None else str(args.run_dir), devices=args.devices,
-                          num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator)
+                          run_dir=None if args.run_dir is None else str(args.run_dir), **_parallel(args).fields())
         rows = _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer)
         obj = {"bank": str(args.out), "results": rows}
         if args.run_dir is not None:

@@ -14,6 +14,7 @@ import copy
 import math
 from pathlib import Path
 
+from ..distributed import ACCELERATORS
 from ..errors import MtpeftError
 
 DEFAULTS = {
@@ -60,7 +61,7 @@ CHECKS = {  # key: (valid?, what to give)
     "devices": (lambda v: _int(v, 1), "a positive integer (processes or GPUs per node), e.g. 2"),
     "num_nodes": (lambda v: _int(v, 1), "a positive integer, e.g. 1"),
     "dist_strategy": (lambda v: v in ("auto", "ddp"), "auto or ddp (fsdp is refused, docs/scale-out.md)"),
-    "accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda"), "auto, cpu, gpu or cuda"),
+    "accelerator": (lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
 }
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..distributed import ACCELERATORS
 from ..errors import MtpeftError
 
 INITS = ("random", "average", "similar", "shared")
@@ -65,7 +66,7 @@ KEYS: dict[str, dict[str, tuple]] = {
         "devices": (_int(1), "a positive integer (processes or GPUs per node)", "2"),
         "num_nodes": (_int(1), "a positive integer", "1"),
         "strategy": (_one_of(("auto", "ddp")), "auto or ddp (fsdp is refused, docs/scale-out.md)", "ddp"),
-        "accelerator": (_one_of(("auto", "cpu", "gpu", "cuda")), "auto, cpu, gpu or cuda", "cpu"),
+        "accelerator": (_one_of(ACCELERATORS), "one of " + ", ".join(ACCELERATORS), "cpu"),
     },
     "teacher": BUDGET,
     "student": BUDGET,
@@ -142,7 +143,8 @@ class DistilConfig:
         from ..distributed import Parallel
 
         p = Parallel(self.devices, self.num_nodes, self.strategy, self.accelerator)
-        p.check_batches(**{f"{k}.batch_size": getattr(self, k).batch_size for k in ("teacher", "student", "target")})
+        for k in ("teacher", "student", "target"):
+            p.check_batch(getattr(self, k).batch_size, f"{k}.batch_size")
         return p
 
     def module_config(self) -> dict[str, Any]:
