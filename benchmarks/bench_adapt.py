@@ -110,6 +110,7 @@ def build_bank(conf: dict, work: Path, quick: bool):
     from mtpeft import TrainConfig
     from mtpeft.adapt import Budget
     from mtpeft.adapt.fisher import has_fisher, store_fisher
+    from mtpeft.adapt.run import probe_settings
     from mtpeft.api import load_bank_or_new, parse_options
     from mtpeft.train import fit_expert
 
@@ -136,8 +137,7 @@ def build_bank(conf: dict, work: Path, quick: bool):
             print(f"{name} trained in {time.perf_counter() - t0:.0f} s (best val {m['best_val_acc']})", flush=True)
         if not has_fisher(bank, name):
             task = task or load_task(t, conf, quick, expert=True)
-            store_fisher(bank, scorer, task, name, batch_size=budget.batch_size, max_batches=budget.fisher_batches,
-                         seed=conf["expert_seed"])
+            store_fisher(bank, scorer, task, name, seed=conf["expert_seed"], **probe_settings(budget))
             bank.save(path, only=[name])
         if task is not None:
             tasks[t] = task

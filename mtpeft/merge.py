@@ -33,7 +33,8 @@ LINEAR = ("uniform", "weighted")
 
 
 def merge_modules(bank, names: list[str], name: str, method: str = "uniform", weights=None,
-                  density: float = 0.2, rank: int | None = None, seed: int = 0) -> dict:
+                  density: float = 0.2, rank: int | None = None, seed: int = 0, task: str | None = None,
+                  metadata: dict | None = None) -> dict:
     """Add ONE new LoRA module ``name`` to ``bank``, the merge of modules ``names``; returns a report
     (method, weights, rank, exact, relative truncation error per site and overall, sites)."""
     names, w = _check(bank, names, name, method, weights, density, rank)
@@ -48,7 +49,7 @@ def merge_modules(bank, names: list[str], name: str, method: str = "uniform", we
         factors, err, energy = {}, {}, {}
         for s, d in deltas.items():
             factors[s], err[s], energy[s] = _truncate(d, R)
-    _add(bank, names, name, R, factors, method)
+    _add(bank, names, name, R, factors, method, task=task, metadata=metadata)
     total = 0.0 if exact else _overall(err, energy)
     return {"name": name, "method": method, "modules": names, "weights": w, "density": density if method
             not in LINEAR else None, "seed": seed if method.startswith("dare") else None, "rank": R,

@@ -8,7 +8,7 @@ import torch
 from conftest import perturb, synthetic_task, task_csv
 
 from mtpeft.adapt import Budget, fisher_embedding, run_adapt, sample_shots, similarity_matrix, store_fisher
-from mtpeft.adapt.fisher import fisher_sizes
+from mtpeft.adapt.fisher import ARTIFACT, fisher_sizes
 from mtpeft.adapt.methods import AdaptMethod, AdaptResult, method_names, register_method
 from mtpeft.adapt.shots import check_shots, shot_indices
 from mtpeft.cli import main
@@ -80,6 +80,30 @@ def test_fisher_embedding_is_non_negative_sized_and_leaves_the_module_frozen(lib
     torch.testing.assert_close(emb, again)  # no dropout, same batches: the same embedding
 
 
+def test_probe_fisher_is_a_property_of_the_task_not_of_the_expert(library):
+    """Every task's embedding comes from one probe initialisation: two experts of one configuration give the same
+    embedding of a task (their own weights do not enter), two tasks give different ones, and the bank is left as it
+    was (no probe, the same trainability)."""
+    from mtpeft.adapt import probe_fisher
+
+    bank, scorer, tasks = library
+    names = list(bank.names)
+    kw = dict(steps=3, lr=1e-2, batch_size=8, max_batches=2, seed=0)
+    via_solver = probe_fisher(bank, scorer, tasks["src"], "solver", **kw)
+    via_noise = probe_fisher(bank, scorer, tasks["src"], "noise", **kw)
+    torch.testing.assert_close(via_solver, via_noise)
+    other = probe_fisher(bank, scorer, tasks["flip"], "solver", **kw)
+    assert via_solver.shape == other.shape == (sum(fisher_sizes(bank, "solver")),) and bool((other >= 0).all())
+    assert not torch.allclose(via_solver, other)
+    assert bank.names == names and not any(p.requires_grad for n in names for p in bank.module_parameters(n).values())
+    bank.add("fisher-probe", "lora", {"r": 4})
+    try:
+        with pytest.raises(MtpeftError, match="the name the Fisher probe takes"):
+            probe_fisher(bank, scorer, tasks["src"], "solver", **kw)
+    finally:
+        bank.remove("fisher-probe")
+
+
 def test_similarity_matrix_is_symmetric_with_ones_on_the_diagonal():
     g = torch.Generator().manual_seed(0)
     E = torch.rand(5, 12, generator=g)
@@ -87,11 +111,21 @@ def test_similarity_matrix_is_symmetric_with_ones_on_the_diagonal():
     S = similarity_matrix(E, [4, 8])
     torch.testing.assert_close(S, S.T)
     assert torch.equal(S.diagonal(), torch.ones(5)) and bool((S <= 1 + 1e-6).all())
+    assert bool((S >= 0).all())
     # each tensor's part is normalised on its own: scaling one part of one task changes nothing
     E2 = E.clone()
     E2[1, :4] *= 1000.0
     torch.testing.assert_close(similarity_matrix(E2, [4, 8]), S)
     assert not torch.allclose(similarity_matrix(E2), similarity_matrix(E))  # one part: the big entries dominate
+    # the reference's (Task2Vec's) normalisation, by hand for one pair and one part: cos(a / (a + b), b / (a + b))
+    a, b = E[0, 4:] / E[0, 4:].mean(), E[2, 4:] / E[2, 4:].mean()
+    want = torch.nn.functional.cosine_similarity(a / (a + b), b / (a + b), dim=0)
+    torch.testing.assert_close(similarity_matrix(E[:, 4:])[0, 2], want)
+    # every parameter counts alike: one huge shared entry does not make two tasks alike (a plain cosine would)
+    x, y = torch.rand(2, 50, generator=g)
+    x[0] = y[0] = 1e6
+    assert float(similarity_matrix(torch.stack([x, y]))[0, 1]) < 0.9
+    assert float(torch.nn.functional.cosine_similarity(x, y, dim=0)) > 0.99
     with pytest.raises(MtpeftError, match="sum to"):
         similarity_matrix(E, [4, 4])
 
@@ -116,6 +150,37 @@ def test_interpolating_one_expert_equals_that_expert(library):
     with torch.no_grad():
         via_router = scorer.logits(bank, task.splits["test"]["text"], task, router)
     torch.testing.assert_close(via_router, want, atol=1e-5, rtol=1e-5)
+
+
+def test_pi_tuning_interpolates_weight_deltas_not_factors(library):
+    """The interpolation router mixes the experts' outputs (sum_i w_i B_i A_i x) by default: no cross terms
+    B_i A_j between experts that started from different initialisations; the composed module is the SVD of the
+    weighted delta at the experts' rank."""
+    from mtpeft.adapt.methods.pi_tuning import interpolate
+    from mtpeft.routers import InterpolationRouter
+
+    bank, scorer, tasks = library
+    task, names = tasks["src"], ["solver", "noise"]
+    router = InterpolationRouter(names)
+    with torch.no_grad():
+        router.logits.copy_(torch.tensor([0.4, -0.3]))
+        w = router.weights()
+        got = scorer.logits(bank, task.splits["test"]["text"], task, router)
+    ids = bank.ids(names)[None].expand(16, -1)
+    torch.testing.assert_close(got, logits_of(bank, scorer, task, Routing(w[None].expand(16, -1), ids, "output")))
+    assert not torch.allclose(got, logits_of(bank, scorer, task, Routing(w[None].expand(16, -1), ids, "params")),
+                              atol=1e-4)
+    rep = interpolate(bank, names, w.tolist(), "interp")
+    try:
+        assert rep["rank"] == 4 and 0 <= rep["relative_error"] < 1
+        for s, d in bank.delta_weight("interp").items():
+            want = sum(float(wi) * bank.delta_weight(n)[s] for wi, n in zip(w, names))
+            U, S, Vh = torch.linalg.svd(want.double(), full_matrices=False)
+            torch.testing.assert_close(d.double(), (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5, rtol=1e-4)
+    finally:
+        bank.remove("interp")
+    with pytest.raises(MtpeftError, match="mix must be one of"):
+        InterpolationRouter(names, mix="sum")
 
 
 def test_composed_factors_match_parameter_mixing_and_differ_from_a_delta_merge(library):
@@ -218,7 +283,7 @@ def saved_library(library, tmp_path_factory):
     bank, _, tasks = library
     d = tmp_path_factory.mktemp("lib")
     for n in bank.names:  # stored by earlier tests in memory: the saved bank starts without
-        bank.delete_artifact(n, "fisher")
+        bank.delete_artifact(n, ARTIFACT)
     bank.save(d / "bank")
     files = {n: task_csv(d / f"{n}.csv", t) for n, t in tasks.items()}
     files["target"] = task_csv(d / "target.csv", synthetic_task("target", n=64, seed=5))
@@ -314,11 +379,11 @@ def test_cli_refuses_a_bank_without_experts(capsys, tmp_path, saved_library):
 def test_fisher_missing_for_a_task_that_is_not_built_in_says_how_to_store_it(library):
     bank, scorer, _ = library
     for n in bank.names:
-        bank.delete_artifact(n, "fisher")
+        bank.delete_artifact(n, ARTIFACT)
     with pytest.raises(MtpeftError, match="mtpeft embed"):
         run_adapt(bank, scorer, synthetic_task("target", n=32, seed=5), [2], ["pi-tuning"], [0], QUICK)
     store_fisher(bank, scorer, synthetic_task("src", n=32, seed=1), "solver", batch_size=8, max_batches=1)
-    assert bank.artifact("solver", "fisher").shape == (sum(fisher_sizes(bank, "solver")),)
+    assert bank.artifact("solver", ARTIFACT).shape == (sum(fisher_sizes(bank, "solver")),)
 
 
 def test_train_fisher_stores_the_embedding_and_embed_skips_or_recomputes(capsys, saved_library, tmp_path):
@@ -333,7 +398,7 @@ def test_train_fisher_stores_the_embedding_and_embed_skips_or_recomputes(capsys,
     assert rc == 0, err
     bank, _ = open_bank(out)
     assert all(has_fisher(bank, n) for n in bank.names) and bank.names == ["src-lora", "flip-lora"]
-    before = bank.artifact("src-lora", "fisher").clone()
+    before = bank.artifact("src-lora", ARTIFACT).clone()
     rc, out_, _ = run(capsys, "embed", "--bank", out, "--json")  # stored already; src is not built in either
     assert rc == 0 and {r["status"] for r in json.loads(out_)["results"]} == {"stored already (--again recomputes)"}
     rc, _, err = run(capsys, "embed", "--bank", out, "--module", "src-lora", "--again")
@@ -342,7 +407,7 @@ def test_train_fisher_stores_the_embedding_and_embed_skips_or_recomputes(capsys,
                      f"src={files['src']}", "--batches", "1", "--batch-size", "4")
     assert rc == 0, err
     again, _ = open_bank(out)
-    assert not torch.equal(again.artifact("src-lora", "fisher"), before)  # 1 batch of 4, not 32 batches of 16
+    assert not torch.equal(again.artifact("src-lora", ARTIFACT), before)  # 1 batch of 4, not 32 batches of 16
 
 
 def test_adapt_help_lists_the_flags(capsys):

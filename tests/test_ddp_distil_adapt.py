@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from ddp_util import run_mtpeft, task_file, weights
+from mtpeft.adapt.fisher import ARTIFACT
 
 pytestmark = pytest.mark.processes
 
@@ -99,7 +100,7 @@ def test_adapt_on_two_processes_as_on_one(tmp_path):
 
     (b1, _), (b2, _) = open_bank(tmp_path / "one"), open_bank(tmp_path / "two")
     for e in ("toy-lora", "toy2-lora"):  # the Fisher embeddings computed here were saved, once, by rank zero
-        torch.testing.assert_close(b2.artifacts(e)["fisher"], b1.artifacts(e)["fisher"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b2.artifacts(e)[ARTIFACT], b1.artifacts(e)[ARTIFACT], rtol=1e-4, atol=1e-6)
     assert json.loads((tmp_path / "two-report" / "adapt-report.json").read_text())["runs"] == r2["runs"]
     bad = adapt("bad", "--devices", "2", env={"MTPEFT_FAIL_RANK": "1:2"})
     assert bad.returncode != 0 and "rank 1 of 2 stopped: InjectedFault" in bad.stderr, bad.stderr[-3000:]

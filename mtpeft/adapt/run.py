@@ -18,10 +18,10 @@ import torch
 
 from ..errors import MtpeftError
 from .fisher import (
-    fisher_embedding,
     fisher_sizes,
     has_fisher,
     plot_similarity,
+    probe_fisher,
     similarity_matrix,
     store_fisher,
     stored_fisher,
@@ -30,6 +30,10 @@ from .methods import AdaptContext, Budget, get_method, method_names
 from .shots import check_shots, sample_shots
 
 REPORT = "adapt-report.json"
+# what the methods compute, in the resume key. 2: task embeddings on a probe with one initialisation for every
+# task, compared with the reference's (Task2Vec's) normalisation; pi-tuning interpolates weight deltas.
+# 1 (no revision in the key): each expert's own Fisher, plain cosines, interpolated factors.
+REVISION = 2
 FORMAT = "mtpeft-adapt-report/1"
 
 
@@ -99,11 +103,17 @@ def check_skills(bank, skills, target: str):
     return skills.eval()
 
 
+def probe_settings(budget: Budget, parallel=None) -> dict:
+    """The Fisher probe's settings from a budget: the same for every expert's task and for the target."""
+    return {"steps": budget.probe_steps, "lr": budget.lr, "batch_size": budget.batch_size,
+            "max_batches": budget.fisher_batches, "parallel": parallel}
+
+
 def expert_fisher(bank, scorer, experts: list[str], tasks: dict, budget: Budget, seed: int = 0,
-                  log: Callable[[str], None] = print) -> tuple[dict, list[str]]:
-    """Every expert's Fisher embedding: the stored ``fisher`` artifact, else computed on its task's data (``tasks``
-    by name, else the built-in task of that name) and stored in the bank in memory. Returns them and the names
-    computed now."""
+                  log: Callable[[str], None] = print, parallel=None) -> tuple[dict, list[str]]:
+    """Every expert's task embedding: the stored ``task-fisher`` artifact, else its task's probe Fisher
+    (``fisher.probe_fisher`` on its task's data: ``tasks`` by name, else the built-in task of that name) stored in
+    the bank in memory. Returns them and the names computed now."""
     from ..suite import builtin_names, load_task
 
     out, computed = {}, []
@@ -119,28 +129,17 @@ def expert_fisher(bank, scorer, experts: list[str], tasks: dict, budget: Budget,
             raise MtpeftError(f"expert {e!r} has no Fisher embedding and its task {tname!r} is not built in: store it "
                               f"with `mtpeft embed --bank BANK --task-file {tname}=PATH`, or give --source-file "
                               f"{tname}=PATH")
-        log(f"Fisher embedding of {e} on {tname} ({budget.fisher_batches} batches)")
-        out[e] = store_fisher(bank, scorer, task, e, batch_size=budget.batch_size, max_batches=budget.fisher_batches,
-                              seed=seed)
+        log(f"Fisher embedding of {tname} for {e} (probe: {budget.probe_steps} steps, {budget.fisher_batches} "
+            "batches)")
+        out[e] = store_fisher(bank, scorer, task, e, seed=seed, **probe_settings(budget, parallel))
         computed.append(e)
     return out, computed
 
 
-def _target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, log, parallel=None) -> dict:
-    """The target's Fisher embedding from a probe LoRA (the experts' configuration) trained ``probe_steps`` on the
-    shots, then the similarity matrix of experts + target."""
-    from .methods.base import fit_module
-
-    rec = bank.record(experts[0])
-    probe = f"{prefix}.probe"
-    bank.freeze()
-    bank.add(probe, rec.type, dict(rec.config), task=few.name, seed=seed, metadata={"adapt": "probe"})
-    try:
-        ctx = AdaptContext(bank, scorer, few, experts, seed, budget, probe, parallel=parallel)
-        fit_module(ctx, probe, steps=budget.probe_steps)
-        target = fisher_embedding(bank, scorer, few, probe, batch_size=budget.batch_size, max_batches=None, seed=seed)
-    finally:
-        bank.remove(probe)
+def _target_similarity(bank, scorer, few, experts, embs, budget, seed, log, parallel=None) -> dict:
+    """The target's Fisher embedding (the probe, as the experts' tasks got theirs, trained on the shots), then the
+    similarity matrix of experts + target."""
+    target = probe_fisher(bank, scorer, few, experts[0], seed=seed, **probe_settings(budget, parallel))
     E = torch.stack([embs[e] for e in experts] + [target])
     S = similarity_matrix(E, fisher_sizes(bank, experts[0]))
     names = [*experts, f"{few.name} (target)"]
@@ -181,7 +180,7 @@ def summarise(runs: list[dict], methods: list[str], shots: list[int]) -> list[di
 def _key(task, experts, methods, shots, seeds, budget, max_examples, skills=None) -> dict:
     b = dataclasses.asdict(budget)
     key = {"task": task.name, "experts": experts, "budget": b, "max_examples": max_examples,
-           "test_n": len(task.splits["test"])}
+           "test_n": len(task.splits["test"]), "revision": REVISION}
     if skills is None:  # the skills' settings only where a method uses them: older reports still resume
         b.pop("router_lr")
     else:
@@ -198,8 +197,9 @@ def _resume(out: Path | None, key: dict) -> dict | None:
     if not isinstance(old, dict) or old.get("format") != FORMAT or not isinstance(old.get("runs"), list):
         raise MtpeftError(f"{out / REPORT} is not an adapt report; choose another --out or remove it")
     if old.get("key") != key:
-        raise MtpeftError(f"{out / REPORT} was written by a run with other settings (task, experts, budget or caps); "
-                          "choose another --out, or remove it to start again")
+        raise MtpeftError(f"{out / REPORT} was written by a run with other settings (task, experts, budget or caps) "
+                          "or by an older mtpeft whose methods differ; choose another --out, or remove it to start "
+                          "again")
     return old
 
 
@@ -239,7 +239,7 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
     old = _resume(out, key)
     embs, computed = {}, []
     if any(i.uses_similarity for i in impls.values()):
-        embs, computed = expert_fisher(bank, scorer, experts, source_tasks or {}, budget, log=log)
+        embs, computed = expert_fisher(bank, scorer, experts, source_tasks or {}, budget, log=log, parallel=parallel)
     # the computed embeddings are saved at once; on several processes with the first kept module instead, after
     # a collective fit, when every rank has read the bank (a rank started by torchrun may still be reading it)
     pending = list(computed) if keep and save is not None else []
@@ -265,9 +265,9 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
             prefix = f"{task.name}.adapt.k{k}.s{seed}"
             cache: dict = {}
 
-            def similarity(few=few, prefix=prefix, seed=seed, tag=tag, cache=cache):
+            def similarity(few=few, seed=seed, tag=tag, cache=cache):
                 if not cache:
-                    cache.update(_target_similarity(bank, scorer, few, experts, embs, budget, seed, prefix, log,
+                    cache.update(_target_similarity(bank, scorer, few, experts, embs, budget, seed, log,
                                                     parallel))
                     report["similarity"][tag] = {k2: v for k2, v in cache.items() if k2 != "to_target"}
                     if write:

@@ -168,7 +168,7 @@ def cmd_embed(args):
     from ..bank import locked
     from ..suite import builtin_names, load_task
 
-    _positive(args, "--batches", "--batch-size", "--max-examples")
+    _positive(args, "--batches", "--batch-size", "--max-examples", "--probe-steps", "--lr")
     _check_bank(args.bank)
     tasks = {}
     for spec in args.task_file:
@@ -197,8 +197,8 @@ def cmd_embed(args):
                                       f"--task-file {tname}=PATH")
                 rows.append({"module": n, "task": tname, "status": f"skipped: no data (--task-file {tname}=PATH)"})
                 continue
-            emb = store_fisher(bank, scorer, task, n, batch_size=args.batch_size, max_batches=args.batches,
-                               seed=args.seed)
+            emb = store_fisher(bank, scorer, task, n, steps=args.probe_steps, lr=args.lr, batch_size=args.batch_size,
+                               max_batches=args.batches, seed=args.seed)
             bank.save(args.bank, only=[n])
             rows.append({"module": n, "task": tname, "status": "stored", "size": emb.numel(),
                          "mean": float(emb.mean())})
@@ -251,14 +251,18 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_adapt)
 
     e = sub.add_parser("embed", help="store each expert's Fisher task embedding in the bank (for pi-tuning)",
-                       description="The diagonal Fisher information of each module's parameters on its task's training "
-                       "data (built-in tasks by the module's task name, others from --task-file), stored as the module's "
-                       "'fisher' artifact.")
+                       description="Each module's task embedding: a probe module of its configuration, from one fixed "
+                       "initialisation for every task, trained --probe-steps on the task's training data (built-in "
+                       "tasks by the module's task name, others from --task-file), then the diagonal Fisher information "
+                       "of its parameters; stored as the module's 'task-fisher' artifact. Give the probe the settings "
+                       "`mtpeft adapt` will use (--probe-steps, --lr, --batch-size), so the target's probe matches.")
     e.add_argument("--bank", required=True, type=Path, help="bank directory (updated in place)")
     e.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH",
                    help="the data of a module's task that is not built in (repeatable)")
     e.add_argument("--module", default=None, help="one module (default: every module that names its task)")
     e.add_argument("--batches", type=int, default=32, help="batches of the task's training data (default 32)")
+    e.add_argument("--probe-steps", type=int, default=20, help="the probe's training steps (default 20)")
+    e.add_argument("--lr", type=float, default=2e-3, help="the probe's learning rate (default 2e-3)")
     e.add_argument("--batch-size", type=int, default=16, help="default 16")
     e.add_argument("--max-examples", type=int, default=None, help="cap every split of the tasks at N examples")
     e.add_argument("--seed", type=int, default=0, help="the shuffle of the batches (default 0)")

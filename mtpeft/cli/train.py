@@ -274,7 +274,8 @@ def _train_modules(args, bank, scorer, tasks, names, config, cfg, run, writer: b
             from ..adapt.fisher import store_fisher
 
             phase("fisher", name)
-            store_fisher(bank, scorer, t, name, batch_size=cfg.batch_size, seed=args.seed)
+            store_fisher(bank, scorer, t, name, batch_size=args.batch_size, seed=args.seed,
+                         parallel=_parallel(args))  # on every rank (the probe is a fit)
         if writer:
             phase("save", name)
             bank.save(args.out, only=[name])  # each expert lands on disk as soon as it is trained
@@ -357,7 +358,8 @@ def add_parser(sub) -> None:
                    help="after training each expert, train its PHATGOOSE gates and compute its retrieval centroid "
                    "(as `mtpeft gate`: 100 steps, lr 5e-3), for `mtpeft route`")
     s.add_argument("--fisher", action="store_true",
-                   help="after training each expert, store its Fisher task embedding (as `mtpeft embed`: 32 batches), "
+                   help="after training each expert, store its task's Fisher embedding (as `mtpeft embed` with its defaults: "
+                   "a 20-step probe, 32 batches of --batch-size), "
                    "for `mtpeft adapt`'s pi-tuning and best-source")
     parallel_args(s, unset=True)  # None: the run file (--config) or the defaults fill them
     s.set_defaults(func=cmd_train)

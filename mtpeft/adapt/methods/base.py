@@ -45,8 +45,8 @@ class Budget:
     interp_lr: float = 5e-2
     interp_joint: bool = True  # pi-tuning: copies of the experts train with the logits (False: the logits alone)
     router_lr: float = 0.1  # poly, mhr-z: the new routing row's learning rate (the skills train at lr), as mttl
-    probe_steps: int = 20  # the target's probe LoRA, trained before its Fisher embedding
-    fisher_batches: int = 32  # batches of each expert's task data in its Fisher embedding
+    probe_steps: int = 20  # the Fisher probe's training steps on each task (the experts' and the target's)
+    fisher_batches: int = 32  # batches of a task's data in its Fisher embedding
     progress: bool = False
 
     def __post_init__(self):

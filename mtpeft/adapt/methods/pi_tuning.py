@@ -1,6 +1,13 @@
-"""``pi-tuning`` (Wu et al., 2023): the top-k source experts most similar to the target (cosine of diagonal Fisher
-embeddings, see ``adapt.fisher``) interpolated with learned weights ``softmax(alpha)`` (alpha init zeros: equal
-weights), composed into one new LoRA (``A = sum_i w_i A_i``, ``B = sum_i w_i B_i``), then fine-tuned on the shots.
+"""``pi-tuning`` (Wu et al., 2023): the top-k source experts most similar to the target (diagonal Fisher
+embeddings compared as the reference does, see ``adapt.fisher``) interpolated with learned weights
+``softmax(alpha)`` (alpha init zeros: equal weights) into one new LoRA, then fine-tuned on the shots.
+
+The interpolation is of the experts' weight deltas, ``sum_i w_i B_i A_i`` (the router's ``mix='output'``), not of
+their factors: the bank initialises each module from its own seed, and summing the factors of experts that did not
+start from one initialisation gives ``B A = sum_ij w_i w_j B_i A_j``, whose cross terms are noise (with three equal
+weights, two thirds of the sum; the reference's experts share one seed, so its parameter interpolation does not
+meet this). The interpolated delta becomes one LoRA of the experts' rank by SVD (``merge.merge_modules``, the
+truncation error reported), so the fine-tuned module has the size of ``scratch``'s.
 
 The interpolation trains ``interp_steps`` steps on the shots: the logits (at ``interp_lr``) jointly with copies of
 the k experts (at ``lr``; ``interp_joint``, the default; the bank's experts stay as they were), or the logits alone
@@ -13,12 +20,15 @@ from .base import AdaptContext, AdaptMethod, AdaptResult, count_trainable, fit_m
 from .lorahub import same_group
 
 
-def interpolate(bank, experts: list[str], weights, name: str, task: str | None = None, metadata: dict | None = None):
-    """Add module ``name``: the experts' factors summed with ``weights`` (``merge.compose_factors``)."""
-    from ...merge import compose_factors
+def interpolate(bank, experts: list[str], weights, name: str, task: str | None = None,
+                metadata: dict | None = None) -> dict:
+    """Add module ``name``: the rank-r LoRA (r the experts' rank) closest to ``sum_i w_i Delta W_i`` (SVD); returns
+    ``merge.merge_modules``' report (``relative_error``: the truncation's)."""
+    from ...merge import merge_modules
 
-    return compose_factors(bank, experts, [float(x) for x in weights], name, method="pi-tuning", task=task,
-                           metadata=metadata)
+    rank = int(bank.record(experts[0]).config["r"])
+    return merge_modules(bank, list(experts), name, method="weighted", weights=[float(x) for x in weights],
+                         rank=rank, task=task, metadata=metadata)
 
 
 @register_method("pi-tuning")
@@ -34,7 +44,8 @@ class PiTuning(AdaptMethod):
         top = sorted(ctx.experts, key=lambda e: -sim[e])[: b.top_k]
         interp_steps = min(b.interp_steps, b.steps - 1) if len(top) > 1 else 0
         w, interp = self._interpolate(ctx, top, interp_steps)
-        interpolate(bank, w["sources"], w["weights"], name, task=ctx.task.name, metadata={"adapt": self.name})
+        merged = interpolate(bank, w["sources"], w["weights"], name, task=ctx.task.name,
+                             metadata={"adapt": self.name})
         for extra in w["copies"]:
             bank.remove(extra)
         bank.unfreeze(name)
@@ -44,6 +55,7 @@ class PiTuning(AdaptMethod):
                            {"experts": top, "similarity": {e: round(sim[e], 4) for e in top},
                             "weights": {e: round(x, 4) for e, x in zip(top, w["weights"])}, "joint": b.interp_joint,
                             "interp_steps": None if interp is None else interp["steps"],
+                            "truncation_error": round(merged["relative_error"], 4),
                             "interp_trainable": len(top) * (per_module if b.interp_joint else 0) + len(top),
                             "steps": m["steps"], "best_val": m["best_val_acc"]})
 
@@ -66,7 +78,7 @@ class PiTuning(AdaptMethod):
                                   metadata={"adapt": "pi-tuning-copy", "source": e})
                     copies.append(c)
                 sources = copies
-            router = InterpolationRouter(sources)
+            router = InterpolationRouter(sources, mix="output")
             interp = fit_module(ctx, ctx.module_name, steps=steps, router=router, router_lr=b.interp_lr,
                                 fit_name=f"{ctx.module_name}.interp")
         except BaseException:
