@@ -88,7 +88,7 @@ def test_probe_fisher_is_a_property_of_the_task_not_of_the_expert(library):
 
     bank, scorer, tasks = library
     names = list(bank.names)
-    kw = dict(steps=3, lr=1e-2, batch_size=8, max_batches=2, seed=0)
+    kw = {"steps": 3, "lr": 1e-2, "batch_size": 8, "max_batches": 2, "seed": 0}
     via_solver = probe_fisher(bank, scorer, tasks["src"], "solver", **kw)
     via_noise = probe_fisher(bank, scorer, tasks["src"], "noise", **kw)
     torch.testing.assert_close(via_solver, via_noise)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from ddp_util import run_mtpeft, task_file, weights
+
 from mtpeft.adapt.fisher import ARTIFACT
 
 pytestmark = pytest.mark.processes

@@ -16,5 +16,5 @@ from .run import run_adapt, source_experts
 from .shots import check_shots, sample_shots
 
 __all__ = ["ADAPT_METHODS", "AdaptContext", "AdaptMethod", "AdaptResult", "Budget", "SkillsMethod", "check_shots",
-           "fisher_embedding", "get_method", "method_names", "register_method", "probe_fisher", "run_adapt", "sample_shots",
-           "similarity_matrix", "source_experts", "store_fisher", "stored_fisher"]
+           "fisher_embedding", "get_method", "method_names", "probe_fisher", "register_method", "run_adapt",
+           "sample_shots", "similarity_matrix", "source_experts", "store_fisher", "stored_fisher"]
