@@ -217,7 +217,8 @@ def run_adapt(bank, scorer, task, shots, methods, seeds=(0,), budget: Budget | N
     ``parallel`` (``mtpeft.distributed.Parallel``): every fit on several processes (Lightning DDP) and every test
     split scored in shares. Every rank runs this same function, reading ``out`` to resume; only the ``writer``
     (rank zero) writes the report and the heatmaps (give the others no ``save``/``save_router``). LoraHub's search
-    and the Fisher embeddings are computed whole on every rank (the same seeded computation: the same result)."""
+    runs whole on every rank (the same seeded computation: the same result); the Fisher probes are fits like the
+    others (on every rank, collectively), their Fisher then taken whole on every rank."""
     from ..io import write_json
 
     log = log or (lambda msg: None)
