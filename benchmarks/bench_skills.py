@@ -8,9 +8,11 @@ Per seed, on the config's tasks and backbone, four contenders at equal total ste
 - ``mhr``: the same with ``--splits`` heads per layer;
 - ``shared``: one LoRA trained on the mixture (``max_steps`` steps), routed to every task;
 - ``experts``: one LoRA per task, ``max_steps / number of tasks`` steps each.
-Each contender's test accuracy per task, its mean over tasks and its trainable parameters. Every finished run is
-kept in ``--work`` (``<backbone>/seed<S>/<contender>.json``, git-ignored) and reused, so an interrupted benchmark
-resumes. Writes ``benchmarks/results/skills.json``: the runs, per contender the mean and std over seeds, and the
+Each contender's test accuracy per task, its mean over tasks and its trainable parameters; beside them, per seed
+(the tasks' caps draw with it), the majority class (the most frequent train label) and the bare backbone's
+zero-shot accuracy. Every finished run is kept in ``--work`` (``<backbone>/seed<S>/<contender>.json``,
+``baselines.json``; git-ignored) and reused, so an interrupted benchmark resumes. Writes
+``benchmarks/results/skills.json``: the runs, per contender and baseline the mean and std over seeds, and the
 command (``reproduce``).
 
 ``--quick``: a smoke run on the tiny random BERT, one seed, a few examples and steps (tests).
@@ -102,6 +104,38 @@ def run_one(s: dict, contender: str, seed: int, a) -> dict:
             "steps": sum(f["steps"] for f in fits), "train_seconds": round(sum(f["train_seconds"] for f in fits), 1)}
 
 
+def run_baselines(s: dict, seed: int) -> dict:
+    """The majority class and the bare backbone's zero-shot accuracy on each task's test split (seed's caps)."""
+    from mtpeft.api import load_bank_or_new
+    from mtpeft.suite import load_task
+    from mtpeft.train import evaluate
+
+    tasks = [load_task(t, max_examples=s["max_examples"], seed=seed) for t in s["tasks"]]
+    bank, scorer = load_bank_or_new(s["backbone"])
+    return {"seed": seed, "majority": {t.name: round(t.majority_baseline("test"), 4) for t in tasks},
+            "zero_shot": {t.name: round(evaluate(bank, scorer, t)["accuracy"], 4) for t in tasks}}
+
+
+def aggregate_baselines(rows: list[dict]) -> dict:
+    """Per baseline: mean and std over seeds of the mean over tasks and of each task's accuracy."""
+    return {k: {"mean_accuracy": _stat(statistics.fmean(r[k].values()) for r in rows),
+                "per_task": {t: _stat(r[k][t] for r in rows) for t in rows[0][k]}} for k in ("majority", "zero_shot")}
+
+
+def _cached(path: Path, key: dict, compute, extra: dict | None = None):
+    """A finished run read from ``path`` when it was made with these settings, else computed and written."""
+    from mtpeft.io import read_json, write_json
+
+    prev = read_json(path, what="benchmark run") if path.is_file() else None
+    if isinstance(prev, dict) and prev.get("settings") == key and all(prev.get(k) == v
+                                                                      for k, v in (extra or {}).items()):
+        return prev["run"]
+    run = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"settings": key, **(extra or {}), "run": run})
+    return run
+
+
 def _stat(xs) -> dict:
     from common import seed_stat  # common imports torch: not at module level (--help stays quick)
 
@@ -125,29 +159,27 @@ def main(argv=None) -> dict:
     import torch
     from common import RESULTS, environment
 
-    from mtpeft.io import read_json, write_json
+    from mtpeft.io import write_json
 
     torch.set_num_threads(a.threads)
     s = settings(a)
     seeds = [0] if a.quick else a.seeds
-    runs = []
+    runs, baselines = [], []
+    key = json.loads(json.dumps(s, default=str))  # every setting: a changed config reruns
     for seed in seeds:
+        where = Path(a.work) / s["backbone"] / f"seed{seed}"
         for c in a.contenders:
-            done = Path(a.work) / s["backbone"] / f"seed{seed}" / f"{c}.json"
-            key = json.loads(json.dumps(s, default=str))  # every setting: a changed config reruns
-            prev = read_json(done, what="benchmark run") if done.is_file() else None
-            if isinstance(prev, dict) and prev.get("settings") == key and (c != "mhr" or prev.get("splits") == a.splits):
-                runs.append(prev["run"])
-            else:
-                runs.append(run_one(s, c, seed, a))
-                done.parent.mkdir(parents=True, exist_ok=True)
-                write_json(done, {"settings": key, "splits": a.splits, "run": runs[-1]})
+            # the splits are part of every run's record; only MHR's result depends on them
+            runs.append(_cached(where / f"{c}.json", key, lambda c=c, seed=seed: run_one(s, c, seed, a),
+                                {"splits": a.splits} if c == "mhr" else None))
             r = runs[-1]
             print(f"seed {seed} {c}: mean accuracy {r['mean_accuracy']} ({r['trainable_parameters']:,} parameters, "
                   f"{r['train_seconds']} s)", flush=True)
+        baselines.append(_cached(where / "baselines.json", key, lambda seed=seed: run_baselines(s, seed)))
     cmd = "python benchmarks/bench_skills.py " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {"benchmark": "skills", "environment": environment(), "quick": a.quick, "settings": s,
-               "mhr_splits": a.splits, "reproduce": cmd.strip(), "by_contender": aggregate(runs), "runs": runs}
+               "mhr_splits": a.splits, "reproduce": cmd.strip(), "by_contender": aggregate(runs), "runs": runs,
+               "baselines": aggregate_baselines(baselines), "baseline_runs": baselines}
     path = Path(a.out) if a.out else RESULTS / "skills.json"
     write_json(path, payload)
     print(f"wrote {path}")

@@ -347,6 +347,29 @@ def adapt_table(d: dict) -> list[str]:
     return out
 
 
+def skills_table(d: dict) -> list[str]:
+    """Skills shared across tasks (`skills.json`): per contender and baseline the mean over tasks and each task's
+    accuracy, mean ± std over seeds, with the trainable parameters."""
+    s, by, base = d["settings"], d["by_contender"], d.get("baselines", {})
+    tasks = list(next(iter(by.values()))["per_task"])
+    seeds = sorted({r["seed"] for r in d["runs"]})
+    ms = lambda o: f"{100 * o['mean']:.1f} ± {100 * o['std']:.1f}"
+    out = [(f"**Skills shared across tasks** (`skills.json`; `{d['reproduce']}`: {s['backbone']}, LoRA r "
+            f"{s['options'].get('r')} skills, {s['skills']} skills, MHR {d['mhr_splits']} splits, {s['max_steps']} "
+            f"steps per multitask run and {s['max_steps']} // {len(tasks)} per expert, ≤{s['max_examples']} examples "
+            f"per split and task; test accuracy in percentage points, mean ± std over seeds "
+            f"{', '.join(map(str, seeds))}):"), "",
+           "| contender | params | mean | " + " | ".join(f"`{t}`" for t in tasks) + " |",
+           "|---|---|---|" + "---|" * len(tasks)]
+    for c, o in by.items():
+        out.append(f"| {c} | {o['trainable_parameters']:,} | {ms(o['mean_accuracy'])} | "
+                   + " | ".join(ms(o["per_task"][t]) for t in tasks) + " |")
+    for k, o in base.items():
+        out.append(f"| {k.replace('_', '-')} | 0 | {ms(o['mean_accuracy'])} | "
+                   + " | ".join(ms(o["per_task"][t]) for t in tasks) + " |")
+    return out
+
+
 def memory_table(d: dict) -> list[str]:
     """Replay-memory search (`memory.json`): 32 queries, k = 32, CPU ms per search, against torch."""
     out = [(f"**Replay memory search** (`memory.json`; 32 queries, k = 32, d = 384, clustered keys, "
@@ -394,6 +417,8 @@ def render() -> str:
     for name in ("mpt", "mpt_smollm2"):  # the causal backbone's capped run has its own file
         if (d := _load(name)):
             parts.append(mpt_table(d, name))
+    if (d := _load("skills")):
+        parts.append(skills_table(d))
     if (d := _load("adapt")):
         parts.append(adapt_table(d))
     if (d := _load("experts_minilm_lora")):

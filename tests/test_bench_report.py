@@ -110,3 +110,21 @@ def test_ddp_line_gives_each_configuration_against_one_process(report):
     text = report.render()
     assert "1 process x 1 thread 0.50 steps/s (1.00x)" in text
     assert "2 processes x 1 thread 0.90 steps/s (1.80x)" in text
+
+
+def test_skills_table_means_over_seeds_with_the_baselines(report):
+    """The skills table: per contender the mean over tasks and each task, mean ± std over seeds; baselines beside."""
+    stat = lambda m, sd: {"mean": m, "std": sd, "n": 3}
+    by = {"poly": {"mean_accuracy": stat(0.75, 0.02), "per_task": {"a": stat(0.8, 0.01), "b": stat(0.7, 0.03)},
+                   "trainable_parameters": 590688, "steps": 540},
+          "experts": {"mean_accuracy": stat(0.76, 0.0), "per_task": {"a": stat(0.81, 0.0), "b": stat(0.71, 0.0)},
+                      "trainable_parameters": 663552, "steps": 540}}
+    base = {"majority": {"mean_accuracy": stat(0.4, 0.0), "per_task": {"a": stat(0.5, 0.0), "b": stat(0.3, 0.0)}}}
+    d = {"settings": {"backbone": "minilm", "options": {"r": 8}, "skills": 8, "max_steps": 540, "max_examples": 400},
+         "mhr_splits": 4, "reproduce": "python benchmarks/bench_skills.py", "by_contender": by, "baselines": base,
+         "runs": [{"seed": s} for s in (0, 1, 2)]}
+    (report.RESULTS / "skills.json").write_text(json.dumps(d))
+    text = report.render()
+    assert "| poly | 590,688 | 75.0 ± 2.0 | 80.0 ± 1.0 | 70.0 ± 3.0 |" in text
+    assert "| majority | 0 | 40.0 ± 0.0 | 50.0 ± 0.0 | 30.0 ± 0.0 |" in text
+    assert "seeds 0, 1, 2" in text and "540 // 2 per expert" in text

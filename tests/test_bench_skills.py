@@ -29,9 +29,21 @@ def test_quick_run_writes_the_report_and_resumes(tmp_path, monkeypatch):
     assert by["poly"]["trainable_parameters"] == 3 * one + 4 * 2 * 3  # 4 sites x 2 tasks x 3 skills of logits
     assert by["mhr"]["trainable_parameters"] == 3 * one + 4 * 2 * 2 * 3
     assert by["poly"]["steps"] == by["shared"]["steps"] == by["experts"]["steps"] == 4
+    # the baselines beside them: the majority class of each task as loaded for the seed, the bare backbone
+    from mtpeft.api import load_bank_or_new
+    from mtpeft.suite import load_task
+    from mtpeft.train import evaluate
+
+    (base,) = d["baseline_runs"]
+    bank, scorer = load_bank_or_new("tiny-bert")
+    for spec in specs:
+        t = load_task(spec, max_examples=24, seed=0)
+        assert base["majority"][t.name] == round(t.majority_baseline("test"), 4)
+        assert base["zero_shot"][t.name] == round(evaluate(bank, scorer, t)["accuracy"], 4)
+    assert d["baselines"]["majority"]["mean_accuracy"]["mean"] == round(sum(base["majority"].values()) / 2, 4)
     # a second call reuses the finished runs (no training: the same numbers, to the second)
     again = bench_skills.main(argv)
-    assert again["runs"] == d["runs"]
+    assert again["runs"] == d["runs"] and again["baseline_runs"] == d["baseline_runs"]
 
 
 def test_aggregate_over_seeds(monkeypatch):
