@@ -186,13 +186,14 @@ def plot_similarity(names: Sequence[str], S: Tensor, path: str | Path, title: st
 
     n = len(names)
     fig, ax = plt.subplots(figsize=(0.7 * n + 3.0, 0.6 * n + 2.2), layout="constrained")
-    im = ax.imshow(S.numpy(), vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+    im = ax.imshow(S.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")  # similarities lie in [0, 1]
     ax.set_xticks(range(n), list(names), rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(n), list(names), fontsize=7)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{float(S[i, j]):.2f}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="Fisher cosine similarity")
+            ax.text(j, i, f"{float(S[i, j]):.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if float(S[i, j]) > 0.6 else "white")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="Fisher similarity (Task2Vec-normalised cosine)")
     if title:
         ax.set_title(title, fontsize=9)
     buf = io.BytesIO()
