@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     bank, scorer = load_bank_or_new("minilm", a.bank)
     bank.freeze()
     out = {"diagnostic": "adapt_lorahub_prior", "environment": environment(),
-           "reproduce": "python benchmarks/diag_adapt_prior.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "reproduce": " ".join(["python benchmarks/diag_adapt_prior.py", *(argv if argv is not None else sys.argv[1:])]),
            "shots": a.shots, "targets": {}}
     for t in a.targets:
         task = load_builtin(t, seed=0)
