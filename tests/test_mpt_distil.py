@@ -292,7 +292,10 @@ def test_cli_distil_end_to_end(tmp_path, capsys):
     assert [r["task"] for r in rep["sources"]] == ["s1", "s2"] and [r["task"] for r in rep["targets"]] == ["t1"]
     for r in rep["sources"]:
         assert all(isinstance(r[k], float) for k in ("teacher", "student", "prompt_eq"))
-        assert r["prompt_eq_steps"] == 1  # equal steps: the student's 2 (--max-steps caps every fit) over 2 sources
+        # --max-steps 2 caps each teacher at 2 and the student at 2 per source (3, its own budget): equal steps
+        # is 2 per source, the teacher's own recipe, so the teacher is the baseline (not trained twice)
+        assert r["prompt_eq_steps"] == 2 and r["prompt_eq_is_teacher"] and r["prompt_eq"] == r["teacher"]
+    assert rep["student"]["steps"] == 3
     assert rep["targets"][0]["similar"] in ("s1", "s2") and isinstance(rep["targets"][0]["prompt_scratch"], float)
     p = rep["parameters"]
     assert p["teacher_per_task"] == 4 * 32 and p["student_per_task"] == 1 * (4 + 32)
@@ -303,7 +306,7 @@ def test_cli_distil_end_to_end(tmp_path, capsys):
     from mtpeft.api import open_bank
 
     bank, _ = open_bank(bank_dir)
-    assert {"s1-teacher", "s2-teacher", "s1-mpt", "s2-mpt", "s1-pt", "s2-pt", "t1-mpt", "t1-pt"} == set(bank.names)
+    assert {"s1-teacher", "s2-teacher", "s1-mpt", "s2-mpt", "t1-mpt", "t1-pt"} == set(bank.names)
     assert not torch.equal(shared_prompt(bank, "s1-mpt"), torch.zeros(4, 32))
     # the target stage alone, on the same bank: nothing of the source stage trained again
     assert main(["distil", "--config", str(tmp_path / "c.yaml"), "--out", str(bank_dir), "--json",
@@ -316,6 +319,37 @@ def test_cli_distil_end_to_end(tmp_path, capsys):
     assert main(["distil", "--config", str(tmp_path / "c.yaml"), "--out", str(bank_dir), "--json"]) == 0
     rep3 = json.loads(capsys.readouterr().out)
     assert rep3["targets"] == rep["targets"]
+
+
+@pytest.mark.parametrize("cap,n,own,want", [(None, 5, 750, None), (40, 5, 750, 200), (40, 5, 100, 100),
+                                             (40, 5, -1, 200), (2, 1, 10, 2)])
+def test_student_steps_under_a_cap(cap, n, own, want):
+    from mtpeft.mpt.run import equal_steps
+    from mtpeft.mpt.stages import student_steps
+
+    cfg = parse_distil_config({"sources": ["a"], "student": {"max_steps": own}})
+    assert student_steps(cfg, cap, n) == want
+    if own != -1:
+        assert equal_steps(cfg, cap, n) == -(-(own if want is None else want) // n)
+
+
+def test_equal_steps_baseline_trained_when_the_recipe_differs(tmp_path, capsys):
+    """A student with another learning rate: prompt tuning at equal steps is not the teacher's recipe, so
+    ``<task>-pt`` is trained and scored on its own."""
+    import yaml
+
+    from mtpeft.cli import main
+
+    specs = [write_task(tmp_path, synthetic_task(n, n=24, seed=i)) for i, n in enumerate(("s1", "s2"))]
+    conf = {"backbone": "tiny-bert", "sources": specs, "targets": [], "n_tokens": 4,
+            "teacher": {"max_steps": 2, "batch_size": 8}, "student": {"max_steps": 4, "batch_size": 8, "lr": 0.02}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
+    assert main(["distil", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "b"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [(r["prompt_eq_steps"], r["prompt_eq_is_teacher"]) for r in rep["sources"]] == [(2, False)] * 2
+    from mtpeft.api import open_bank
+
+    assert {"s1-pt", "s2-pt"} <= set(open_bank(tmp_path / "b")[0].names)
 
 
 def test_cli_distil_errors(tmp_path, capsys):

@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
                    help="a held-out task for the target stage (repeatable; default: the config's targets)")
     s.add_argument("--backbone", default=None, help="override the config's backbone")
     s.add_argument("--max-examples", type=int, default=None, help="cap every split at N examples (quick runs)")
-    s.add_argument("--max-steps", type=int, default=None, help="cap every fit at N optimiser steps")
+    s.add_argument("--max-steps", type=int, default=None, help="cap every per-task fit (teachers, baselines, target stage) at N optimiser "
+                   "steps, and the student, which trains every source in one fit, at N per source")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parallel_args(s, unset=True)  # None: the config's devices, num_nodes, strategy, accelerator (or 1, 1, auto, auto)
     s.set_defaults(func=cmd_distil)

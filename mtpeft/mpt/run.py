@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import MtpeftError
 from .config import DistilConfig, config_dict
-from .stages import adapt, distil, student_name, train_teachers
+from .stages import adapt, distil, student_name, student_steps, train_teachers
 
 REPORT = "distil-report.json"
 
@@ -129,15 +129,34 @@ def _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out) -> 
 def equal_steps(cfg: DistilConfig, max_steps: int | None, n_sources: int) -> int:
     """Single-task prompt tuning "at equal steps" to the student: its share of the student's steps, which the
     student spends on the mixture of ``n_sources`` tasks (the same total compute, about the same examples of
-    the task seen). The teacher is prompt tuning at its own, larger budget."""
-    steps = cfg.student.max_steps if max_steps is None else min(max_steps, cfg.student.max_steps)
+    the task seen). The teacher is prompt tuning at its own budget."""
+    capped = student_steps(cfg, max_steps, n_sources)
+    steps = cfg.student.max_steps if capped is None else capped
     return max(1, -(-steps // max(1, n_sources)))
 
 
+def _same_recipe(bank, task: str, cfg: DistilConfig, max_steps: int | None, steps: int, teacher: dict) -> bool:
+    """Whether prompt tuning at ``steps`` is the teacher's own recipe: a teacher ``distil`` trained (its name,
+    the config's prompt length) for ``steps`` steps, with the student's learning rate, batch, epochs and
+    patience. Then the teacher *is* the equal-steps baseline; a second copy would only redraw its init."""
+    t, s = cfg.teacher, cfg.student
+    t_steps = t.max_steps if max_steps is None else max_steps
+    rec = bank.record(teacher["module"])
+    return (teacher["module"] == f"{task}-teacher" and rec.type == "prompt"
+            and rec.config.get("n_tokens") == cfg.n_tokens and teacher.get("steps") == t_steps == steps
+            and (t.lr, t.batch_size, t.max_epochs, t.patience) == (s.lr, s.batch_size, s.max_epochs, s.patience))
+
+
 def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress, n_sources: int) -> dict:
-    pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, equal_steps(cfg, max_steps, n_sources), progress)
-    return {"task": t.name, "teacher": _acc(bank, scorer, t, teacher["module"]),
-            "student": _acc(bank, scorer, t, student_name(t.name)), "prompt_eq": _acc(bank, scorer, t, pt),
+    steps = equal_steps(cfg, max_steps, n_sources)
+    if cfg.baseline and _same_recipe(bank, t.name, cfg, max_steps, steps, teacher) and f"{t.name}-pt" not in bank.names:
+        pt, pm = teacher["module"], {"steps": teacher["steps"]}
+    else:
+        pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, steps, progress)
+    teacher_acc = _acc(bank, scorer, t, teacher["module"])
+    return {"task": t.name, "teacher": teacher_acc, "student": _acc(bank, scorer, t, student_name(t.name)),
+            "prompt_eq": teacher_acc if pt == teacher["module"] else _acc(bank, scorer, t, pt),
+            "prompt_eq_is_teacher": pt == teacher["module"],
             "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps"), **_floor(bank, scorer, t)}
 
 

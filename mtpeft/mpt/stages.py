@@ -64,6 +64,16 @@ def _init_shared(bank, students: list[str], teachers: list[str], how: str) -> No
     mpt_stack(bank, students[0]).invalidate()
 
 
+def student_steps(cfg: DistilConfig, max_steps: int | None, n_sources: int) -> int | None:
+    """The student's step cap under a per-fit cap ``max_steps`` (None: the config's budget). The student trains
+    all ``n_sources`` tasks in one fit, so the cap it gets is ``max_steps`` per source (each task then sees about
+    as many batches as its capped teacher), never above the config's own ``student.max_steps``."""
+    if max_steps is None:
+        return None
+    steps = max_steps * max(1, n_sources)
+    return steps if cfg.student.max_steps == -1 else min(steps, cfg.student.max_steps)
+
+
 def distil(bank, scorer, tasks: Sequence, teachers: dict[str, str], cfg: DistilConfig, max_steps: int | None = None,
            progress: bool = True) -> dict:
     """Train ``P*`` and every source task's factors on the mixture of ``tasks``, by distillation from
@@ -91,7 +101,8 @@ def distil(bank, scorer, tasks: Sequence, teachers: dict[str, str], cfg: DistilC
         objective = Distillation({t.name: teachers[t.name] for t in tasks}, task=loss.task, kl=loss.kl,
                                  mse=loss.mse, temperature=loss.temperature, hidden=loss.hidden)
         metrics = fit_phase(bank, scorer, tasks, TaskIdRouter(dict(zip((t.name for t in tasks), names))),
-                            cfg.student.train_config(cfg.seed, progress, max_steps, cfg.parallel()),
+                            cfg.student.train_config(cfg.seed, progress, student_steps(cfg, max_steps, len(tasks)),
+                                                     cfg.parallel()),
                             objective=objective,
                             name="mpt-student", sampling=cfg.sampling)
     except BaseException:
