@@ -252,7 +252,8 @@ def _mean_row(rs: list[dict], keys: tuple[str, ...]) -> str:
 def _eq_steps(rs: list[dict]) -> str:
     """The steps single-task prompt tuning took "at equal steps" (the task's share of the student's)."""
     steps = sorted({x.get("prompt_eq_steps") for r in rs for x in r["sources"]} - {None})
-    return "/".join(map(str, steps)) + " steps" if steps else "steps"
+    same = all(x.get("prompt_eq_is_teacher") for r in rs for x in r["sources"])
+    return ("/".join(map(str, steps)) + " steps" if steps else "steps") + (": the teacher's recipe" if same else "")
 
 
 def _mpt_backbone(bb: str, agg: dict, rs: list[dict]) -> list[str]:
@@ -260,7 +261,9 @@ def _mpt_backbone(bb: str, agg: dict, rs: list[dict]) -> list[str]:
     seeds = ", ".join(str(r["seed"]) for r in rs)
     out = [(f"*{bb}* (seeds {seeds}; ≤{rs[0]['max_examples']} examples per split; trainable parameters per task: "
             f"teacher prompt {p['teacher_per_task']:,}, student factors {p['student_per_task']:,} "
-            f"({p['student_over_teacher']:.3f} of a teacher's; the shared prompt, {p['shared_prompt']:,}, once)"),
+            f"({p['student_over_teacher']:.3f} of a teacher's; the shared prompt, {p['shared_prompt']:,}, once)"
+            + (f"; capped: every per-task fit ≤{rs[0]['max_steps_cap']} steps, the student "
+               f"≤{rs[0]['max_steps_cap']} per source" if rs[0].get("max_steps_cap") else "") + ")"),
            "", f"| source task | teacher | MPT student | prompt tuning at equal steps ({_eq_steps(rs)}) | zero-shot | majority |",
            "|---|---|---|---|---|---|"]
     for t in [x["task"] for x in rs[0]["sources"]]:

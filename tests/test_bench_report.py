@@ -99,6 +99,16 @@ def test_mpt_table_means_over_seeds(report):
     assert "| `h` | 70.0 ± 0.0 | 60.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 |" in text
     assert "seeds 0, 1, 2" in text and "PARTIAL" in text
     assert "student/teacher accuracy >= 0.97: met" in text and "target MPT > prompt tuning from scratch: missed" in text
+    assert "capped" not in text and "the teacher's recipe" not in text
+    # a capped run whose equal-steps baseline is the teacher: both said in its section
+    for r in runs:
+        r["max_steps_cap"] = 40
+        r["sources"][0].update(prompt_eq_steps=40, prompt_eq_is_teacher=True)
+    (report.RESULTS / "mpt.json").write_text(json.dumps({"config": cfg, "command": "python benchmarks/bench_mpt.py",
+                                                         "complete": True, "by_backbone": by, "runs": runs}))
+    text = report.render()
+    assert "capped: every per-task fit ≤40 steps, the student ≤40 per source)" in text
+    assert "prompt tuning at equal steps (40 steps: the teacher's recipe)" in text
 
 
 def test_ddp_line_gives_each_configuration_against_one_process(report):
