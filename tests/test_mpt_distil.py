@@ -367,3 +367,31 @@ def test_cli_distil_errors(tmp_path, capsys):
                  "--target", "tweet_airline"]) == 2
     assert "also sources" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_stopped_run_keeps_its_finished_teachers(tmp_path, monkeypatch):
+    """Each teacher is saved as soon as it is trained: a run that fails on the second keeps the first, and the
+    same command goes on from there."""
+    import mtpeft.train as train
+    from mtpeft.api import open_bank
+    from mtpeft.mpt import parse_distil_config, run_distil
+
+    specs = [write_task(tmp_path, synthetic_task(n, n=24, seed=i)) for i, n in enumerate(("s1", "s2"))]
+    cfg = parse_distil_config({"backbone": "tiny-bert", "sources": specs, "targets": [], "n_tokens": 4,
+                               "baseline": False, "teacher": {"max_steps": 2, "batch_size": 8},
+                               "student": {"max_steps": 2, "batch_size": 8}})
+    real, calls = train.fit_expert, []
+
+    def failing(bank, scorer, task, name, *a, **k):
+        calls.append(name)
+        if name == "s2-teacher":
+            raise RuntimeError("stopped")
+        return real(bank, scorer, task, name, *a, **k)
+
+    monkeypatch.setattr(train, "fit_expert", failing)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_distil(cfg, tmp_path / "b", progress=False)
+    assert open_bank(tmp_path / "b")[0].names == ["s1-teacher"]
+    monkeypatch.setattr(train, "fit_expert", real)
+    rep = run_distil(cfg, tmp_path / "b", progress=False)
+    assert not rep["teachers"]["s1"]["trained"] and rep["teachers"]["s2"]["trained"]

@@ -94,8 +94,7 @@ def run_distil(cfg: DistilConfig, out: str | Path, *, targets: list[str] | None 
         check_input_room(bank, scorer, "mpt", MPTConfig(**cfg.module_config()))
         sources = [load_task(s, max_examples=cap, seed=cfg.seed) for s in cfg.sources]
         tasks_t = [load_task(s, max_examples=cap, seed=cfg.seed) for s in targets]
-        teachers = train_teachers(bank, scorer, sources, cfg, max_steps, progress)
-        save()
+        teachers = train_teachers(bank, scorer, sources, cfg, max_steps, progress, on_trained=save)
         student = _student(bank, scorer, sources, teachers, cfg, max_steps, progress, out)
         save()
         rows, target_rows = [], []

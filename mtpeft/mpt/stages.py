@@ -34,8 +34,10 @@ def teacher_of(bank, task: str) -> str | None:
 
 
 def train_teachers(bank, scorer, tasks: Sequence, cfg: DistilConfig, max_steps: int | None = None,
-                   progress: bool = True) -> dict[str, dict]:
-    """``{task: {"module", "trained", "steps"}}``: a teacher prompt for each task, trained where the bank has none."""
+                   progress: bool = True, on_trained=None) -> dict[str, dict]:
+    """``{task: {"module", "trained", "steps"}}``: a teacher prompt for each task, trained where the bank has none.
+    ``on_trained()`` is called after each teacher trained (``run_distil`` saves the bank there, so a stopped
+    run keeps every finished teacher)."""
     from ..train import fit_expert
 
     out = {}
@@ -48,6 +50,8 @@ def train_teachers(bank, scorer, tasks: Sequence, cfg: DistilConfig, max_steps: 
         m = fit_expert(bank, scorer, t, name, "prompt", {"n_tokens": cfg.n_tokens},
                        cfg.teacher.train_config(cfg.seed, progress, max_steps, cfg.parallel()))
         out[t.name] = {"module": name, "trained": True, "steps": m["steps"]}
+        if on_trained is not None:
+            on_trained()
     return out
 
 
