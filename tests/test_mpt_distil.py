@@ -307,6 +307,8 @@ def test_cli_distil_end_to_end(tmp_path, capsys):
 
     bank, _ = open_bank(bank_dir)
     assert {"s1-teacher", "s2-teacher", "s1-mpt", "s2-mpt", "t1-mpt", "t1-pt"} == set(bank.names)
+    assert bank.record("s1-teacher").metadata["recipe"] == {"max_steps": 2, "lr": 0.01, "batch_size": 8,
+                                                            "max_epochs": 10, "patience": 3}
     assert not torch.equal(shared_prompt(bank, "s1-mpt"), torch.zeros(4, 32))
     # the target stage alone, on the same bank: nothing of the source stage trained again
     assert main(["distil", "--config", str(tmp_path / "c.yaml"), "--out", str(bank_dir), "--json",
@@ -372,7 +374,7 @@ def test_cli_distil_errors(tmp_path, capsys):
 def test_a_stopped_run_keeps_its_finished_teachers(tmp_path, monkeypatch):
     """Each teacher is saved as soon as it is trained: a run that fails on the second keeps the first, and the
     same command goes on from there."""
-    import mtpeft.train as train
+    from mtpeft import train
     from mtpeft.api import open_bank
     from mtpeft.mpt import parse_distil_config, run_distil
 

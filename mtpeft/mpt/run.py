@@ -134,21 +134,27 @@ def equal_steps(cfg: DistilConfig, max_steps: int | None, n_sources: int) -> int
     return max(1, -(-steps // max(1, n_sources)))
 
 
-def _same_recipe(bank, task: str, cfg: DistilConfig, max_steps: int | None, steps: int, teacher: dict) -> bool:
-    """Whether prompt tuning at ``steps`` is the teacher's own recipe: a teacher ``distil`` trained (its name,
-    the config's prompt length) for ``steps`` steps, with the student's learning rate, batch, epochs and
-    patience. Then the teacher *is* the equal-steps baseline; a second copy would only redraw its init."""
-    t, s = cfg.teacher, cfg.student
-    t_steps = t.max_steps if max_steps is None else max_steps
+def _same_recipe(bank, task: str, cfg: DistilConfig, steps: int, teacher: dict) -> bool:
+    """Whether prompt tuning at a budget of ``steps`` is the teacher's own recipe: a teacher ``distil`` trained
+    (its name, the config's prompt length) with that step budget and the student's learning rate, batch,
+    epochs and patience (its recorded ``recipe``; a teacher without one must have taken exactly ``steps``).
+    Then the teacher *is* the equal-steps baseline; a second copy would only redraw its initialisation."""
+    s = cfg.student
     rec = bank.record(teacher["module"])
-    return (teacher["module"] == f"{task}-teacher" and rec.type == "prompt"
-            and rec.config.get("n_tokens") == cfg.n_tokens and teacher.get("steps") == t_steps == steps
+    if teacher["module"] != f"{task}-teacher" or rec.type != "prompt" or rec.config.get("n_tokens") != cfg.n_tokens:
+        return False
+    want = {"max_steps": steps, "lr": float(s.lr), "batch_size": s.batch_size, "max_epochs": s.max_epochs,
+            "patience": s.patience}
+    if "recipe" in rec.metadata:
+        return rec.metadata["recipe"] == want
+    t = cfg.teacher
+    return (teacher.get("steps") == steps
             and (t.lr, t.batch_size, t.max_epochs, t.patience) == (s.lr, s.batch_size, s.max_epochs, s.patience))
 
 
 def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress, n_sources: int) -> dict:
     steps = equal_steps(cfg, max_steps, n_sources)
-    if cfg.baseline and _same_recipe(bank, t.name, cfg, max_steps, steps, teacher) and f"{t.name}-pt" not in bank.names:
+    if cfg.baseline and _same_recipe(bank, t.name, cfg, steps, teacher) and f"{t.name}-pt" not in bank.names:
         pt, pm = teacher["module"], {"steps": teacher["steps"]}
     else:
         pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, steps, progress)

@@ -33,6 +33,12 @@ def teacher_of(bank, task: str) -> str | None:
     return None
 
 
+def recipe(tc) -> dict:
+    """A prompt fit's recipe: its step budget, learning rate, batch, epochs and patience."""
+    return {"max_steps": tc.max_steps, "lr": float(tc.lr), "batch_size": tc.batch_size, "max_epochs": tc.max_epochs,
+            "patience": tc.patience}
+
+
 def train_teachers(bank, scorer, tasks: Sequence, cfg: DistilConfig, max_steps: int | None = None,
                    progress: bool = True, on_trained=None) -> dict[str, dict]:
     """``{task: {"module", "trained", "steps"}}``: a teacher prompt for each task, trained where the bank has none.
@@ -47,8 +53,9 @@ def train_teachers(bank, scorer, tasks: Sequence, cfg: DistilConfig, max_steps: 
             out[t.name] = {"module": name, "trained": False, "steps": bank.record(name).metrics.get("steps")}
             continue
         name = f"{t.name}-teacher"
-        m = fit_expert(bank, scorer, t, name, "prompt", {"n_tokens": cfg.n_tokens},
-                       cfg.teacher.train_config(cfg.seed, progress, max_steps, cfg.parallel()))
+        tc = cfg.teacher.train_config(cfg.seed, progress, max_steps, cfg.parallel())
+        m = fit_expert(bank, scorer, t, name, "prompt", {"n_tokens": cfg.n_tokens}, tc)
+        bank.record(name).metadata["recipe"] = recipe(tc)  # what it was trained with (steps taken are metrics)
         out[t.name] = {"module": name, "trained": True, "steps": m["steps"]}
         if on_trained is not None:
             on_trained()
