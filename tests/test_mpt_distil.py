@@ -393,7 +393,7 @@ def test_a_stopped_run_keeps_its_finished_teachers(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "fit_expert", failing)
     with pytest.raises(RuntimeError, match="stopped"):
         run_distil(cfg, tmp_path / "b", progress=False)
-    assert open_bank(tmp_path / "b")[0].names == ["s1-teacher"]
+    assert calls == ["s1-teacher", "s2-teacher"] and open_bank(tmp_path / "b")[0].names == ["s1-teacher"]
     monkeypatch.setattr(train, "fit_expert", real)
     rep = run_distil(cfg, tmp_path / "b", progress=False)
     assert not rep["teachers"]["s1"]["trained"] and rep["teachers"]["s2"]["trained"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import MtpeftError
 from .config import DistilConfig, config_dict
-from .stages import adapt, distil, student_name, student_steps, train_teachers
+from .stages import adapt, distil, recipe, student_name, student_steps, train_teachers
 
 REPORT = "distil-report.json"
 
@@ -139,29 +139,25 @@ def _same_recipe(bank, task: str, cfg: DistilConfig, steps: int, teacher: dict) 
     (its name, the config's prompt length) with that step budget and the student's learning rate, batch,
     epochs and patience (its recorded ``recipe``; a teacher without one must have taken exactly ``steps``).
     Then the teacher *is* the equal-steps baseline; a second copy would only redraw its initialisation."""
-    s = cfg.student
     rec = bank.record(teacher["module"])
     if teacher["module"] != f"{task}-teacher" or rec.type != "prompt" or rec.config.get("n_tokens") != cfg.n_tokens:
         return False
-    want = {"max_steps": steps, "lr": float(s.lr), "batch_size": s.batch_size, "max_epochs": s.max_epochs,
-            "patience": s.patience}
     if "recipe" in rec.metadata:
-        return rec.metadata["recipe"] == want
-    t = cfg.teacher
+        return rec.metadata["recipe"] == recipe(cfg.student.train_config(cfg.seed, False, steps))
+    s, t = cfg.student, cfg.teacher
     return (teacher.get("steps") == steps
             and (t.lr, t.batch_size, t.max_epochs, t.patience) == (s.lr, s.batch_size, s.max_epochs, s.patience))
 
 
 def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress, n_sources: int) -> dict:
     steps = equal_steps(cfg, max_steps, n_sources)
-    if cfg.baseline and _same_recipe(bank, t.name, cfg, steps, teacher) and f"{t.name}-pt" not in bank.names:
-        pt, pm = teacher["module"], {"steps": teacher["steps"]}
-    else:
-        pt, pm = _baseline(bank, scorer, t, cfg, cfg.student, steps, progress)
+    is_teacher = (cfg.baseline and f"{t.name}-pt" not in bank.names
+                  and _same_recipe(bank, t.name, cfg, steps, teacher))
+    pt, pm = ((teacher["module"], {"steps": teacher["steps"]}) if is_teacher
+              else _baseline(bank, scorer, t, cfg, cfg.student, steps, progress))
     teacher_acc = _acc(bank, scorer, t, teacher["module"])
     return {"task": t.name, "teacher": teacher_acc, "student": _acc(bank, scorer, t, student_name(t.name)),
-            "prompt_eq": teacher_acc if pt == teacher["module"] else _acc(bank, scorer, t, pt),
-            "prompt_eq_is_teacher": pt == teacher["module"],
+            "prompt_eq": teacher_acc if is_teacher else _acc(bank, scorer, t, pt), "prompt_eq_is_teacher": is_teacher,
             "teacher_steps": teacher["steps"], "prompt_eq_steps": pm.get("steps"), **_floor(bank, scorer, t)}
 
 
