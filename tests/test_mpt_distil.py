@@ -354,6 +354,25 @@ def test_equal_steps_baseline_trained_when_the_recipe_differs(tmp_path, capsys):
     assert {"s1-pt", "s2-pt"} <= set(open_bank(tmp_path / "b")[0].names)
 
 
+@pytest.mark.parametrize("taken,teacher_lr,want", [(2, 0.01, True), (1, 0.01, False), (2, 0.05, False)])
+def test_a_teacher_without_a_recipe_is_the_baseline_only_at_the_same_settings(taken, teacher_lr, want):
+    """A teacher with no recorded recipe (brought by the user, or trained before recipes were recorded) is the
+    equal-steps baseline only when it took exactly that many steps under the student's settings; a recorded
+    recipe decides on its own, also for a teacher that stopped early."""
+    from mtpeft.mpt.run import _same_recipe
+    from mtpeft.mpt.stages import recipe
+
+    cfg = parse_distil_config({"sources": ["s1"], "n_tokens": 4, "teacher": {"max_steps": 2, "lr": teacher_lr},
+                               "student": {"max_steps": 2}})
+    bank = ModuleBank(load_backbone("tiny-bert", seed=0))
+    bank.add("s1-teacher", "prompt", {"n_tokens": 4}, task="s1")
+    teacher = {"module": "s1-teacher", "steps": taken}
+    assert _same_recipe(bank, "s1", cfg, 2, teacher) is want
+    bank.record("s1-teacher").metadata["recipe"] = recipe(cfg.student.train_config(0, False, 2))
+    assert _same_recipe(bank, "s1", cfg, 2, teacher)
+    assert not _same_recipe(bank, "s1", cfg, 3, teacher)  # another budget is another recipe
+
+
 def test_cli_distil_errors(tmp_path, capsys):
     from mtpeft.cli import main
 

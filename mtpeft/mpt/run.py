@@ -142,11 +142,10 @@ def _same_recipe(bank, task: str, cfg: DistilConfig, steps: int, teacher: dict) 
     rec = bank.record(teacher["module"])
     if teacher["module"] != f"{task}-teacher" or rec.type != "prompt" or rec.config.get("n_tokens") != cfg.n_tokens:
         return False
+    want = recipe(cfg.student.train_config(cfg.seed, False, steps))
     if "recipe" in rec.metadata:
-        return rec.metadata["recipe"] == recipe(cfg.student.train_config(cfg.seed, False, steps))
-    s, t = cfg.student, cfg.teacher
-    return (teacher.get("steps") == steps
-            and (t.lr, t.batch_size, t.max_epochs, t.patience) == (s.lr, s.batch_size, s.max_epochs, s.patience))
+        return rec.metadata["recipe"] == want
+    return teacher.get("steps") == steps and recipe(cfg.teacher.train_config(cfg.seed, False, steps)) == want
 
 
 def _source_row(bank, scorer, t, teacher: dict, cfg, max_steps, progress, n_sources: int) -> dict:
