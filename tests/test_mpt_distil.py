@@ -126,11 +126,49 @@ def test_distillation_loss_falls_and_student_matches_teacher(name, hidden):
     assert P.grad is not None  # P* learnt alongside the factors
 
 
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("hidden", ["pooled", "tokens"])
+def test_teacher_outputs_are_kept_and_repadded(name, hidden):
+    """A teacher's answer is computed once per example: a batch of seen and unseen examples runs the teacher on
+    the unseen only, and the kept rows (other widths: fewer labels, fewer tokens) give the loss of no cache."""
+    tasks = [synthetic_task("a", n=32, seed=0), synthetic_task("b", n=32, seed=1, labels=("x", "y", "z", "w"))]
+    bank, scorer = bank_with_teachers(name, tasks)
+    students = add_students(bank, tasks)
+    router = TaskIdRouter({t.name: s for t, s in zip(tasks, students)})
+    kw = dict(task=0.5, kl=1.0, mse=1.0, hidden=hidden, temperature=2.0)
+    teachers = {t.name: f"{t.name}-teacher" for t in tasks}
+    kept, fresh = Distillation(teachers, **kw), Distillation(teachers, cache_mb=0, **kw)
+    module = PhaseModule(bank, scorer, tasks, router, objective=kept)
+    full = step_batch(tasks)
+
+    def sub(ix):  # a batch of some of full's examples
+        return {k: ([v[i] for i in ix] if isinstance(v, list) else v[ix]) for k, v in full.items()}
+
+    first, second = sub([0, 8]), sub([0, 1, 9, 8, 15])  # a: 2 labels, b: 4; second holds first's two again
+    orig = kept._forward
+    for batch, n_new in ((first, 2), (second, 3), (second, 0)):
+        seen = []
+        kept._forward = lambda m, texts, ts: (seen.append(len(texts)), orig(m, texts, ts))[1]
+        losses = []
+        for obj in (kept, fresh):
+            with obj.capture(module, batch):
+                logits = module(batch["text"], batch["task"])
+            losses.append(obj(module, batch, logits))
+        kept._forward = orig
+        assert seen == ([n_new] if n_new else [])
+        (l1, g1), (l2, g2) = losses
+        torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-5)
+        for k in g2:
+            torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-5)
+    assert kept._cached_bytes > 0 and fresh._cached_bytes == 0 and not fresh._cache
+
+
 def test_distillation_objective_refuses_bad_settings():
     for kw, msg in [({}, "teachers"), ({"teachers": {"a": "t"}, "kl": -1}, "kl"),
                     ({"teachers": {"a": "t"}, "task": 0, "kl": 0, "mse": 0}, "nothing would be learnt"),
                     ({"teachers": {"a": "t"}, "temperature": 0}, "temperature"),
-                    ({"teachers": {"a": "t"}, "hidden": "first"}, "hidden")]:
+                    ({"teachers": {"a": "t"}, "hidden": "first"}, "hidden"),
+                    ({"teachers": {"a": "t"}, "cache_mb": -1}, "cache_mb")]:
         with pytest.raises(MtpeftError, match=msg):
             Distillation(**kw)
 
