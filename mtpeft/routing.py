@@ -101,10 +101,15 @@ class Routing:
 
     def repeat_interleave(self, n: int) -> Routing:
         """Repeat every example's routing n times (one row per candidate label in rank scoring)."""
-        if self.rows is not None:  # only the examples repeat, not the rows of weights
-            return Routing(self.weights, self.indices, self.mix, self.rows.repeat_interleave(n))
-        idx = None if self.indices is None else self.indices.repeat_interleave(n, dim=0)
-        return Routing(self.weights.repeat_interleave(n, dim=0), idx, self.mix)
+        return self.index_select(torch.arange(self.batch_size).repeat_interleave(n))
+
+    def index_select(self, examples: Tensor) -> Routing:
+        """The routing of a batch whose row ``i`` is example ``examples[i]`` of this one (repeats allowed)."""
+        if self.rows is not None:  # only the examples are picked, not the rows of weights
+            return Routing(self.weights, self.indices, self.mix, self.rows[examples.to(self.rows.device)])
+        ex = examples.to(self.weights.device)
+        idx = None if self.indices is None else self.indices.index_select(0, ex.to(self.indices.device))
+        return Routing(self.weights.index_select(0, ex), idx, self.mix)
 
     def to(self, device) -> Routing:
         idx = None if self.indices is None else self.indices.to(device)
@@ -148,6 +153,8 @@ class RouteContext:
     not included; see ``token_mask``). ``task_ids`` ``[B]``: each example's task as an index into
     ``task_names`` (None where the task is unknown, as in zero-shot routing). ``texts``: the raw inputs.
     ``pooled()``: the frozen backbone's mean-pooled embedding ``[B, H]``, computed once per batch on demand.
+    ``continuation``: the forwards in scope continue a key/value cache (label tokens after the prompts; see
+    ``index_select``), so ``attention_mask`` describes the prompts, not a site's input.
     """
 
     attention_mask: Tensor | None = None
@@ -156,6 +163,7 @@ class RouteContext:
     texts: Sequence[str] | None = None
     input_ids: Tensor | None = None
     embed_fn: Callable[[], Tensor] | None = field(default=None, repr=False)
+    continuation: bool = False
     _pooled: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -189,6 +197,17 @@ class RouteContext:
         if self.embed_fn is None:
             self.embed_fn = embed_fn
 
+    def index_select(self, examples: Tensor) -> RouteContext:
+        """The context of a cache continuation whose row ``i`` continues example ``examples[i]`` (repeats allowed):
+        every per-example field picked, the pooled embedding taken from this context's."""
+        def pick(t):
+            return None if t is None else t.index_select(0, examples.to(t.device))
+
+        ex = examples.tolist()
+        texts = None if self.texts is None else [self.texts[i] for i in ex]
+        return RouteContext(pick(self.attention_mask), pick(self.task_ids), self.task_names, texts,
+                            pick(self.input_ids), lambda: pick(self.pooled()), continuation=True)
+
     def pooled(self) -> Tensor:
         if self._pooled is None:
             if self.embed_fn is None:
@@ -201,7 +220,7 @@ class RouteContext:
         """The mask ``[B, T]`` of a site's input ``x`` ``[B, T, d]``: virtual (prompt) positions before the
         real tokens count as real. None when unknown (a continuation of a key/value cache)."""
         m = self.attention_mask
-        if m is None or x.dim() != 3 or x.shape[1] < m.shape[1]:
+        if m is None or self.continuation or x.dim() != 3 or x.shape[1] < m.shape[1]:
             return None
         n = x.shape[1] - m.shape[1]
         return m if n == 0 else torch.cat([m.new_ones(m.shape[0], n), m], dim=1)

@@ -62,6 +62,8 @@ class RecordingRouter(Router):
 
     @torch.no_grad()
     def _record(self, site: str, r: Routing | None, x: Tensor | None, ctx: RouteContext | None) -> None:
+        if ctx is not None and ctx.continuation:  # the label tokens after the prompts: the batch was recorded
+            return
         if ctx is not self._ctx:  # a new batch
             self._ctx, self._seen = ctx, set()
         if r is None or site in self._seen or not isinstance(r, Routing):

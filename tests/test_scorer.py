@@ -77,9 +77,11 @@ def test_bare_scorer_differs_from_routed(tiny_backbone):
     ("lora", {"r": 4}), ("ia3", {}), ("prompt", {"n_tokens": 3}), ("ptuning", {"n_tokens": 2, "encoder_hidden": 8}),
     ("prefix", {"n_tokens": 3}), ("houlsby", {"r": 4}), ("mam", {"prefix_tokens": 2, "adapter_r": 4}),
 ])
-def test_causal_two_pass_scoring_equals_one_sequence_per_label(mtype, cfg):
+@pytest.mark.parametrize("chunk", [16, 2])
+def test_causal_two_pass_scoring_equals_one_sequence_per_label(mtype, cfg, chunk):
     """The prompt-once, labels-packed scorer == scoring each (example, label) as its own full sequence,
-    with a mixed-task, mixed-module batch of prompts of different lengths and labels of 1-3 tokens."""
+    with a mixed-task, mixed-module batch of prompts of different lengths and labels of 1-3 tokens; with
+    ``label_chunk=2`` the 3-label task's candidates span two rows, each continuing its example's cache rows."""
     from mtpeft.backbone import load_backbone
 
     bb = load_backbone("tiny-llama", seed=0)
@@ -88,7 +90,7 @@ def test_causal_two_pass_scoring_equals_one_sequence_per_label(mtype, cfg):
         bank.add(f"m{i}", mtype, dict(cfg), seed=i)
         perturb(bank, f"m{i}", seed=i)
     bank.freeze()
-    scorer = make_scorer(bb)
+    scorer = make_scorer(bb, label_chunk=chunk)
     t1 = synthetic_task("one", labels=("red", "blue"))
     t2 = synthetic_task("two", labels=("small cat", "dog", "a big old bird"))
     texts = ["the big apple and more words here", "a sky", "one small old ocean", "x"]
@@ -155,3 +157,49 @@ def test_a_router_through_the_scorer_gets_the_batch_tasks_and_texts(tiny_backbon
         got = scorer.logits(bank, texts, tasks, Spy())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert seen == [(texts, ["two", "one", "two"])]
+
+
+def test_causal_rows_of_a_mixed_batch_keep_each_examples_routing():
+    """A mixed batch whose label sets differ (2, 3 and 5 labels, ``label_chunk=2``: rows of widths 1 and 2 that
+    continue some examples' cache rows only) scores as each task alone, under a per-site factored router (MHR)
+    and a per-example router (task-id, LoRA and prompts); gradients reach the prompts through the picked rows."""
+    from mtpeft.backbone import load_backbone
+    from mtpeft.routers import PolyRouter, TaskIdRouter
+
+    bb = load_backbone("tiny-llama", seed=0)
+    tasks = [synthetic_task("one", labels=("red", "blue")), synthetic_task("two", labels=("small cat", "dog", "a bird")),
+             synthetic_task("three", labels=("u", "v w", "x", "y z q", "w"))]
+    texts = ["the big apple and more words here", "a sky", "one small old ocean", "x", "cold ocean"]
+    which = [2, 0, 1, 2, 1]
+    bank = ModuleBank(bb)
+    for i in range(3):
+        bank.add(f"s{i}", "lora", {"r": 2}, seed=i)
+        perturb(bank, f"s{i}", seed=i)
+    bank.freeze()
+    poly = PolyRouter([f"s{i}" for i in range(3)], [t.name for t in tasks], n_splits=2, seed=1)
+    poly.bind(bank)
+    with torch.no_grad():
+        poly.logits.normal_(generator=torch.Generator().manual_seed(0))
+    poly.eval()
+    scorer = make_scorer(bb, label_chunk=2)
+    for router in (poly, "task-id"):
+        if router == "task-id":  # prompts (per-example routing only) beside the LoRA modules
+            for i in range(3):
+                bank.add(f"p{i}", "prompt", {"n_tokens": 2}, seed=i)
+                perturb(bank, f"p{i}", seed=10 + i)
+            bank.freeze()
+            router = by_id = TaskIdRouter({t.name: f"p{i}" for i, t in enumerate(tasks)})
+        with torch.no_grad():
+            got = scorer.logits(bank, texts, [tasks[w] for w in which], router)
+            for i, w in enumerate(which):
+                alone = scorer.logits(bank, [texts[i]], tasks[w], router)[0]
+                n = tasks[w].num_labels
+                torch.testing.assert_close(got[i, :n], alone[:n], atol=1e-4, rtol=1e-4)
+                assert torch.isinf(got[i, n:]).all()
+    for i in range(3):
+        bank.unfreeze(f"p{i}")
+    logits = scorer.logits(bank, texts, [tasks[w] for w in which], by_id)
+    F.cross_entropy(logits, torch.tensor([3, 1, 2, 4, 0])).backward()
+    for i in range(3):  # example 4's target is past its prompt-pass label: only the rows reach it
+        g = bank.module_parameters(f"p{i}")["<input>.prompt"].grad
+        assert g is not None and g.abs().sum() > 0, i

@@ -390,6 +390,23 @@ class ModuleBank(SiteWiring, ArtifactsAPI, InputLevelForward, nn.Module):
         finally:
             st.restore(snap)
 
+    @contextlib.contextmanager
+    def select_rows(self, examples: Tensor):
+        """Scope in which row ``i`` of each forward's batch is example ``examples[i]`` of the batch in scope (a
+        cache continuation that spreads an example's work over several rows, or drops examples): the routing
+        in force and the router's context are re-indexed; what a per-example router answered is kept."""
+        st = self.state
+        snap = st.snapshot()
+        if st.routing is not None:
+            st.routing = st.routing.index_select(examples)
+        if st.ctx is not None:
+            st.ctx = st.ctx.index_select(examples)
+        st.local, st.stash = {}, {}
+        try:
+            yield self
+        finally:
+            st.restore(snap)
+
     def disabled(self):
         """Scope in which the backbone runs with no module routed (merged modules stay merged)."""
         return self.route(None)

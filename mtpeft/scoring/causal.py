@@ -1,8 +1,9 @@
 """Causal-LM scoring: rank classification by the length-normalised log-likelihood of each label text
-after a prompt. Batched: one pass over the prompts, then each example's candidate labels packed into one
-row per example, ``label_chunk`` labels per pass, every chunk continuing the prompts' key/value cache."""
+after a prompt. Batched: one pass over the prompts, then each example's candidate labels packed into rows of at
+most ``label_chunk``, each row continuing its example's rows of the prompts' key/value cache."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -55,9 +56,11 @@ class CausalScorer:
         with ``tasks=None`` (only with ``labels``) the raw text + ``"\\nAnswer:"``.
 
         No loop over examples or labels: the prompts once (keeping their keys and values), then the
-        candidates, ``label_chunk`` per example at a time, packed into one row per example, each label
-        attending to its own prompt and its own earlier tokens only (a block-causal mask). The cost is
-        ``B*(P + K*l)`` tokens for ``K`` candidates, not ``B*K*(P + l)``; results do not depend on the chunk.
+        candidates, up to ``label_chunk`` of one example packed into a row that continues that example's
+        prompt, each label attending to its own prompt and its own earlier tokens only (a block-causal mask).
+        Rows of one width run together (one pass per width), so an example pays for its own candidates, not
+        for the largest label set in the batch. The cost is ``B*P + sum_i K_i*l`` tokens for ``K_i``
+        candidates, not ``B*K*(P + l)``; results do not depend on the chunk.
         """
         need_tasks(tasks, labels)
         tasks = as_list(tasks, len(texts))
@@ -75,40 +78,65 @@ class CausalScorer:
         prompt, p_len = self._prompts(tasks, texts)
         mask = mask.cpu()  # indexes the label tokens, which stay on the CPU
         order, _ = pack_candidates(mask)  # [B, K] global ids, each example's candidates first
-        ids, lengths = self.label_tokens(space)
-        lab, l_len = ids[order], lengths[order]  # [B, K, Tl], [B, K]
         with routed(bank, routing, texts, tasks, ctx):  # routing None: the caller's scope
             first = bank(prompt.to(dev), (torch.arange(prompt.shape[1]) < p_len[:, None]).long().to(dev),
                          use_cache=True)
             h_last = first.output[:, first.n_virtual:][torch.arange(B, device=dev), (p_len - 1).to(dev)]  # [B, H]
             logp_first = bank.lm_head(h_last).float().log_softmax(-1)  # predicts every label's first token
             n_cached = first.cache.get_seq_length()
-            means = [self._chunk(bank, first, logp_first, lab[:, c:c + self.label_chunk], l_len[:, c:c + self.label_chunk],
-                                 n_cached) for c in range(0, order.shape[1], self.label_chunk)]
-        mean = torch.cat(means, dim=1)  # [B, K]
-        out = torch.full((B, len(space)), float("-inf"), device=dev, dtype=mean.dtype)
-        out = out.scatter(1, order.to(dev), mean)  # order is a permutation per row: no slot written twice
+            parts = [self._pass(bank, first, logp_first, space, order[ex[:, None], start[:, None] + torch.arange(w)],
+                                ex, n_cached) for ex, start, w in self._rows(mask.sum(1))]
+        out = torch.full((B, len(space)), float("-inf"), device=dev, dtype=logp_first.dtype)
+        if parts:  # each (example, label) scored once: no slot written twice
+            ex, gid, mean = (torch.cat([x.reshape(-1) for x in xs]) for xs in zip(*parts))
+            out = out.index_put((ex.to(dev), gid.to(dev)), mean)
         return out.masked_fill(~mask.to(dev), float("-inf"))
 
-    def _chunk(self, bank, first, logp_first: Tensor, lab: Tensor, l_len: Tensor, n_cached: int) -> Tensor:
-        """Mean label-token log-probabilities ``[B, k]`` of ``k`` packed labels per example."""
+    def _rows(self, count: Tensor):
+        """The label passes: each example's ``count`` candidates cut into rows of at most ``label_chunk``; rows of
+        one width go together, at most ``B`` rows a pass (the prompts' memory). Yields (each row's example
+        ``[r]``, its first candidate's slot ``[r]``, the width). A 3-label task in a batch with a 26-label one costs
+        3 labels, not 26: one pass per distinct width (at most ``label_chunk``), not per example."""
+        c, B = self.label_chunk, count.shape[0]
+        n = (count + c - 1) // c  # rows of each example
+        ex = torch.repeat_interleave(torch.arange(B), n)
+        start = (torch.arange(ex.shape[0]) - (torch.cumsum(n, 0) - n)[ex]) * c
+        width = (count[ex] - start).clamp_max(c)
+        for w in width.unique().tolist():
+            sel = (width == w).nonzero()[:, 0]
+            for j in range(0, sel.shape[0], B):
+                yield ex[sel[j:j + B]], start[sel[j:j + B]], int(w)
+
+    def _pass(self, bank, first, logp_first: Tensor, space: LabelSpace, gid: Tensor, ex: Tensor,
+              n_cached: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean label-token log-probabilities of the labels ``gid`` ``[r, k]``, row ``i`` continuing example
+        ``ex[i]``'s prompt; returns each score's example, label and mean, ``[r, k]`` each."""
         dev = logp_first.device
-        B, k = l_len.shape
+        ids, lengths = self.label_tokens(space)
+        lab, l_len = ids[gid], lengths[gid]  # [r, k, Tl], [r, k]
+        r, k = l_len.shape
         Tl = int(l_len.max())
         lab = lab[:, :, :Tl].to(dev)
-        tok_logp = logp_first.gather(1, lab[:, :, 0])[..., None]  # [B, k, 1]
+        exd = ex.to(dev)
+        tok_logp = logp_first[exd[:, None], lab[:, :, 0]][..., None]  # [r, k, 1]
         if Tl > 1:  # label tokens after the first predict the ones after them, after the cached prompt
-            cont = lab[:, :, :-1].reshape(B, k * (Tl - 1))
-            mask4d, pos = self._continuation_mask(first, k, Tl - 1, l_len - 1, bank.dtype)
+            whole = r == logp_first.shape[0] and bool((ex == torch.arange(r)).all())  # every example, in order
+            cont = lab[:, :, :-1].reshape(r, k * (Tl - 1))
+            cache_mask, nxt = (first.cache_mask, first.next_positions) if whole else \
+                (first.cache_mask[exd], first.next_positions[exd])
+            mask4d, pos = self._continuation_mask(cache_mask, nxt, k, Tl - 1, l_len - 1, bank.dtype)
             try:
-                second = bank(cont, mask4d, cache=first.cache, position_ids=pos)
-            finally:  # the forward grew the cache in place: back to the prompts for the next chunk
-                _crop(first.cache, n_cached)
-            h = second.output.reshape(B, k, Tl - 1, -1)
+                with contextlib.nullcontext() if whole else bank.select_rows(exd):
+                    second = bank(cont, mask4d, cache=first.cache if whole else _select_cache(first.cache, exd),
+                                  position_ids=pos)
+            finally:  # the forward grew the shared cache in place: back to the prompts for the next pass
+                if whole:
+                    _crop(first.cache, n_cached)
+            h = second.output.reshape(r, k, Tl - 1, -1)
             rest = bank.lm_head(h).float().log_softmax(-1).gather(-1, lab[:, :, 1:, None])[..., 0]
             tok_logp = torch.cat([tok_logp, rest], dim=2)
         tok_valid = (torch.arange(Tl, device=dev)[None, None, :] < l_len.to(dev)[..., None])
-        return (tok_logp * tok_valid).sum(-1) / tok_valid.sum(-1).clamp_min(1)
+        return ex[:, None].expand(r, k), gid, (tok_logp * tok_valid).sum(-1) / tok_valid.sum(-1).clamp_min(1)
 
     def _prompts(self, tasks, texts) -> tuple[Tensor, Tensor]:
         """Right-padded prompt ids ``[B, P]`` (input truncated to ``max_length``, then the task's suffix)
@@ -135,22 +163,23 @@ class CausalScorer:
         return ids[order], lengths[order], valid, order
 
     @staticmethod
-    def _continuation_mask(first, L: int, n: int, n_len: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    def _continuation_mask(cache_mask: Tensor, next_positions: Tensor, L: int, n: int, n_len: Tensor,
+                           dtype) -> tuple[Tensor, Tensor]:
         """The additive mask ``[B, 1, L*n, C + L*n]`` and position ids ``[B, L*n]`` of the packed labels.
 
         Query (label a, token i) sees the cached prompt positions that are real and the tokens (a, j<=i)
         of its own label; padding tokens see only themselves (their outputs are discarded)."""
-        dev = first.cache_mask.device
-        B = first.cache_mask.shape[0]
+        dev = cache_mask.device
+        B = cache_mask.shape[0]
         a = torch.arange(L, device=dev).repeat_interleave(n)  # label of each packed position
         i = torch.arange(n, device=dev).repeat(L)  # token index within its label
         own = (a[:, None] == a[None, :]) & (i[None, :] <= i[:, None])  # [Ln, Ln]
         real = (i[None, :] < n_len.to(dev).repeat_interleave(n, dim=1))  # [B, Ln] key is a real token
         new = (own[None] & real[:, None, :]) | torch.eye(L * n, dtype=torch.bool, device=dev)[None]
-        cached = first.cache_mask.bool()[:, None, :].expand(B, L * n, -1)
+        cached = cache_mask.bool()[:, None, :].expand(B, L * n, -1)
         allowed = torch.cat([cached, new], dim=2)[:, None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-        return mask, first.next_positions[:, None] + i[None, :]
+        return mask, next_positions[:, None] + i[None, :]
 
     @staticmethod
     def _place(seq: Tensor, ids: Tensor, lengths: Tensor, offset: Tensor) -> None:
@@ -165,6 +194,16 @@ class CausalScorer:
         ok = j < lengths[..., None]
         pos = torch.where(ok, pos, S - 1)  # invalid slots write into the scratch column
         seq.scatter_(2, pos, torch.where(ok, ids, 0))
+
+
+def _select_cache(cache, rows: Tensor):
+    """A new key/value cache holding rows ``rows`` of ``cache`` (a row may appear several times)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
+    return out
 
 
 def _crop(cache, length: int) -> None:
