@@ -135,7 +135,7 @@ def test_teacher_outputs_are_kept_and_repadded(name, hidden):
     bank, scorer = bank_with_teachers(name, tasks)
     students = add_students(bank, tasks)
     router = TaskIdRouter({t.name: s for t, s in zip(tasks, students)})
-    kw = dict(task=0.5, kl=1.0, mse=1.0, hidden=hidden, temperature=2.0)
+    kw = {"task": 0.5, "kl": 1.0, "mse": 1.0, "hidden": hidden, "temperature": 2.0}
     teachers = {t.name: f"{t.name}-teacher" for t in tasks}
     kept, fresh = Distillation(teachers, **kw), Distillation(teachers, cache_mb=0, **kw)
     module = PhaseModule(bank, scorer, tasks, router, objective=kept)
@@ -147,8 +147,8 @@ def test_teacher_outputs_are_kept_and_repadded(name, hidden):
     first, second = sub([0, 8]), sub([0, 1, 9, 8, 15])  # a: 2 labels, b: 4; second holds first's two again
     orig = kept._forward
     for batch, n_new in ((first, 2), (second, 3), (second, 0)):
-        seen = []
-        kept._forward = lambda m, texts, ts: (seen.append(len(texts)), orig(m, texts, ts))[1]
+        seen: list = []
+        kept._forward = lambda m, texts, ts, seen=seen: (seen.append(len(texts)), orig(m, texts, ts))[1]
         losses = []
         for obj in (kept, fresh):
             with obj.capture(module, batch):
