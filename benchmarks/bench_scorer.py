@@ -7,6 +7,12 @@ baseline is the usual batched rank classification (as in T0/IA3-style evaluation
 Both run under ``torch.no_grad()`` with a LoRA module routed per example, and for training (forward +
 backward) on a batch; their logits are checked equal (``max_abs_diff``).
 
+The ``mixed`` row: one batch mixing tasks with label sets of different sizes (``--mixed``). The scorer packs each
+example's own candidates in rows of their own width; the contender pads every example to the largest label
+set in the batch (one row per example, as the scorer did before: a tweet's 3 labels then cost a 26-label
+task's 26), emulated by giving every example extra candidates up to that size. Same logits for the real
+candidates.
+
 Run: `.venv/bin/python benchmarks/bench_scorer.py` (writes benchmarks/results/scorer_smollm2.json).
 """
 from __future__ import annotations
@@ -19,7 +25,7 @@ from common import add_common_args, interleaved, peak_mib, print_table, ratio, s
 from mtpeft.backbone import load_backbone
 from mtpeft.bank import ModuleBank
 from mtpeft.routing import Routing
-from mtpeft.scorer import CausalScorer
+from mtpeft.scorer import CausalScorer, LabelSpace
 from mtpeft.suite import load_builtin
 
 
@@ -46,11 +52,52 @@ def flat_logits(scorer: CausalScorer, bank, texts, task, routing) -> torch.Tenso
     return ((logp * ok).sum(-1) / ok.sum(-1)).reshape(B, L)
 
 
+def mixed_row(scorer: CausalScorer, bank, a, ms: dict) -> dict:
+    """A batch mixing ``a.mixed`` (examples in turn): each example's own candidates vs padded to the largest set."""
+    tasks = [load_builtin(n, max_examples=a.batch) for n in a.mixed]
+    which = [i % len(tasks) for i in range(a.batch)]
+    texts = [tasks[w].splits["test"]["text"][i] for i, w in enumerate(which)]
+    batch_tasks = [tasks[w] for w in which]
+    space = LabelSpace.union(tasks)
+    own = space.candidates_of(batch_tasks)
+    count = own.sum(1)
+    rank = torch.cumsum(~own, 1)  # each non-candidate's rank among its row's non-candidates, from 1
+    padded = own | (~own & (rank <= (count.max() - count)[:, None]))  # K_max candidates in every row
+    routing = Routing.one_hot([0] * a.batch)
+    target = torch.stack([space.ids_of(t)[t.splits["test"]["label"][i]] for i, t in enumerate(batch_tasks)])
+
+    def call(cands, train):
+        def run():
+            if not train:
+                with torch.no_grad():
+                    return scorer.logits(bank, texts, batch_tasks, routing, labels=space, candidates=cands)
+            bank.zero_grad(set_to_none=True)
+            logits = scorer.logits(bank, texts, batch_tasks, routing, labels=space, candidates=cands)
+            torch.nn.functional.cross_entropy(logits.masked_fill(~cands, -1e4), target).backward()
+        return run
+
+    with torch.no_grad():
+        diff = (call(own, False)() - call(padded, False)())[own]
+    contenders = {f"mixed_{ph}_{k}": call(c, ph == "train") for ph in ("infer", "train")
+                  for k, c in (("own", own), ("padded", padded))}
+    t = interleaved(contenders, repeats=a.repeats, warmup=a.warmup)
+    ms.update(t)
+    row = {"tasks": "+".join(a.mixed), "labels": "/".join(str(x.num_labels) for x in tasks), "batch": a.batch,
+           "candidates": int(own.sum()), "padded_candidates": int(padded.sum()),
+           "max_abs_diff": round(float(diff.abs().max()), 6)}
+    for ph in ("infer", "train"):
+        row[f"{ph}_own_ms"], row[f"{ph}_padded_ms"] = t[f"mixed_{ph}_own"], t[f"mixed_{ph}_padded"]
+        row[f"{ph}_speedup"] = ratio(t[f"mixed_{ph}_padded"], t[f"mixed_{ph}_own"])
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p, repeats=3, warmup=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tasks", nargs="+", default=["bbc_topic", "wordnet_noun"])
+    p.add_argument("--mixed", nargs="*", default=["tweet_airline", "bbc_topic", "wordnet_noun"],
+                   help="tasks of the mixed batch (examples taken in turn); none: no mixed row")
     a = p.parse_args(argv)
     setup_threads(a)
     if a.quick:
@@ -99,9 +146,14 @@ def main(argv=None) -> int:
             row[f"{phase}_packed_peak_mib"] = peaks[f"{name}_{phase}_packed"]
             row[f"{phase}_flat_peak_mib"] = peaks[f"{name}_{phase}_flat"]
         rows.append(row)
+    mixed = mixed_row(scorer, bank, a, ms) if a.mixed else None
+    if mixed:
+        print_table([mixed], ["tasks", "labels", "infer_own_ms", "infer_padded_ms", "infer_speedup", "train_own_ms",
+                              "train_padded_ms", "train_speedup", "max_abs_diff"])
     print_table(rows, ["task", "labels", "infer_packed_ms", "infer_flat_ms", "infer_speedup", "train_packed_ms",
                        "train_flat_ms", "train_speedup", "max_abs_diff"])
-    save("scorer_smollm2", {"config": vars(a), "ms": ms, "peak_mib": peaks, "rows": rows}, quiet=True)
+    save("scorer_smollm2", {"config": vars(a), "ms": ms, "peak_mib": peaks, "rows": rows, "mixed": mixed},
+         quiet=True)
     return 0
 
 
