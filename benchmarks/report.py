@@ -137,8 +137,8 @@ def chooser_line(d: dict) -> list[str]:
 
 def scorer_table(d: dict) -> list[str]:
     out = [("**Causal rank classification** (`scorer_smollm2.json`; SmolLM2 with a LoRA routed per example, "
-            f"batch {d['config']['batch']}, ms): mtpeft runs the prompts once and packs every label of an example "
-            "into one row under a block-causal mask, against one full sequence per (example, label):"),
+            f"batch {d['config']['batch']}, ms): mtpeft runs the prompts once and packs an example's labels "
+            "into rows under a block-causal mask, against one full sequence per (example, label):"),
            "", ("| task | labels | inference packed / flat | speed-up | training step packed / flat | speed-up "
            "| peak MiB train packed / flat | max abs diff |"),
            "|---|---|---|---|---|---|---|---|"]
@@ -147,6 +147,14 @@ def scorer_table(d: dict) -> list[str]:
                    f"**{r['infer_speedup']:.1f}x** | {r['train_packed_ms']:.0f} / {r['train_flat_ms']:.0f} | "
                    f"**{r['train_speedup']:.1f}x** | {r['train_packed_peak_mib']:.0f} / {r['train_flat_peak_mib']:.0f} "
                    f"| {r['max_abs_diff']:.1g} |")
+    m = d.get("mixed")
+    if m:
+        out += ["", (f"A batch of {m['batch']} mixing {', '.join(f'`{t}`' for t in m['tasks'].split('+'))} "
+                     f"({m['labels']} labels): each example's own candidates ({m['candidates']}) in rows of their own "
+                     f"width, {m['infer_own_ms']:.0f} ms (training step {m['train_own_ms']:.0f}), against every "
+                     f"example padded to the largest set ({m['padded_candidates']}), {m['infer_padded_ms']:.0f} ms "
+                     f"({m['train_padded_ms']:.0f}): **{m['infer_speedup']:.2f}x** (**{m['train_speedup']:.2f}x**), "
+                     f"max abs diff {m['max_abs_diff']:.1g}.")]
     return out
 
 
