@@ -120,8 +120,10 @@ class Distillation(Objective):
             sub = [at[k] for k in todo]
             logits, hidden, real = self._forward(module, [texts[i] for i in sub], [tasks[i] for i in sub])
             if self.mse and self.hidden == "tokens" and bool((real < 0).any()):
-                # the real tokens are not the leading ones (left padding): rows cannot be re-padded, none kept
-                logits, hidden, _ = self._forward(module, texts, tasks) if len(sub) < len(keys) else (logits, hidden, real)
+                # the real tokens are not the leading ones (left padding): rows cannot be re-padded, none kept;
+                # the whole batch from one forward (unless that was it)
+                if len(sub) < len(keys):
+                    logits, hidden, _ = self._forward(module, texts, tasks)
                 return logits, hidden
             for j, (k, i) in enumerate(zip(todo, sub)):
                 fresh[k] = self._row(logits[j], None if hidden is None else hidden[j], real[j], tasks[i], space)
